@@ -1,0 +1,388 @@
+//! The `file` protocol: a host file accessed with positional I/O.
+//!
+//! Cache modes follow QEMU: `writeback` (page cache, flush = `fdatasync`), `none`
+//! (`O_DIRECT`, flush = `fdatasync`), `unsafe` (page cache, flush does nothing).
+//! Under `O_DIRECT`, unaligned requests go through an aligned bounce buffer.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use super::{AlignedBuf, Storage};
+use crate::{Error, Result};
+
+/// How a file node uses the host page cache (QEMU's `cache=` modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// Page cache on, flushes reach the disk.
+    #[default]
+    Writeback,
+    /// `O_DIRECT`: bypass the page cache, flushes reach the disk.
+    None,
+    /// Page cache on, flushes are ignored.
+    Unsafe,
+    /// Page cache on, every write followed by a flush (QEMU's `writethrough`).
+    Writethrough,
+    /// `O_DIRECT` and no flushes (QEMU's `directsync` without the sync: `cache.direct=on,no-flush=on`).
+    DirectNoFlush,
+}
+
+impl CacheMode {
+    /// Parses QEMU's cache mode names (`-t` / `-T` of qemu-img).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "writeback" => Ok(CacheMode::Writeback),
+            "none" | "off" => Ok(CacheMode::None),
+            "unsafe" => Ok(CacheMode::Unsafe),
+            "writethrough" | "directsync" => Ok(if s == "directsync" {
+                CacheMode::None
+            } else {
+                CacheMode::Writethrough
+            }),
+            _ => Err(Error::invalid(format!("Invalid cache option: {s}"))),
+        }
+    }
+
+    /// Whether this mode opens the file with `O_DIRECT`.
+    pub fn direct(self) -> bool {
+        matches!(self, CacheMode::None | CacheMode::DirectNoFlush)
+    }
+
+    /// Whether flushes are skipped.
+    pub fn no_flush(self) -> bool {
+        matches!(self, CacheMode::Unsafe | CacheMode::DirectNoFlush)
+    }
+}
+
+/// A host file used as a storage node.
+pub struct FileStorage {
+    file: File,
+    path: PathBuf,
+    cache: CacheMode,
+    align: usize,
+    read_only: bool,
+    /// Serialises read-modify-write cycles of unaligned `O_DIRECT` writes.
+    rmw: Mutex<()>,
+}
+
+fn errno_err(context: &str) -> Error {
+    Error::io(context, io::Error::last_os_error())
+}
+
+impl FileStorage {
+    /// Opens an existing file.
+    pub fn open(path: &Path, read_only: bool, cache: CacheMode) -> Result<Self> {
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!read_only);
+        if cache.direct() {
+            oo.custom_flags(libc::O_DIRECT);
+        }
+        let file = oo
+            .open(path)
+            .map_err(|e| Error::io(format!("Could not open '{}'", path.display()), e))?;
+        Self::from_file(file, path, read_only, cache)
+    }
+
+    /// Creates (or truncates) a file and opens it read-write.
+    pub fn create(path: &Path, cache: CacheMode) -> Result<Self> {
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(true).create(true).truncate(true);
+        let file = oo
+            .open(path)
+            .map_err(|e| Error::io(format!("Could not create '{}'", path.display()), e))?;
+        drop(file);
+        Self::open(path, false, cache)
+    }
+
+    fn from_file(file: File, path: &Path, read_only: bool, cache: CacheMode) -> Result<Self> {
+        let mut s = FileStorage {
+            file,
+            path: path.to_path_buf(),
+            cache,
+            align: 1,
+            read_only,
+            rmw: Mutex::new(()),
+        };
+        if cache.direct() {
+            s.align = s.probe_alignment();
+        }
+        Ok(s)
+    }
+
+    /// Finds the smallest request alignment that `O_DIRECT` accepts on this file.
+    fn probe_alignment(&self) -> usize {
+        for align in [512usize, 1024, 2048, 4096] {
+            let mut buf = AlignedBuf::new(align, 4096);
+            if self.file.read_at(&mut buf, 0).is_ok() {
+                return align;
+            }
+        }
+        4096
+    }
+
+    /// The path this node was opened with.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            Err(Error::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn aligned(&self, offset: u64, len: usize, ptr: *const u8) -> bool {
+        let a = self.align;
+        offset % a as u64 == 0 && len % a == 0 && (ptr as usize) % a == 0
+    }
+
+    fn pread_full(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("Could not read '{}' at {}", self.path.display(), offset),
+                        e,
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn pwrite_full(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.file.write_all_at(buf, offset).map_err(|e| {
+            Error::io(
+                format!("Could not write '{}' at {}", self.path.display(), offset),
+                e,
+            )
+        })
+    }
+
+    fn bounce_range(&self, offset: u64, len: usize) -> (u64, usize) {
+        let a = self.align as u64;
+        let start = offset / a * a;
+        let end = (offset + len as u64).div_ceil(a) * a;
+        (start, (end - start) as usize)
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: fallocate takes a valid fd owned by self.file and plain integers.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    fn write_zero_bytes(&self, offset: u64, len: u64) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let buf = AlignedBuf::new(CHUNK as usize, 4096);
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            self.write_at(&buf[..n as usize], offset + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if self.align == 1 || self.aligned(offset, buf.len(), buf.as_ptr()) {
+            return self.pread_full(buf, offset);
+        }
+        let (start, len) = self.bounce_range(offset, buf.len());
+        let mut bounce = AlignedBuf::new(len, self.align.max(4096));
+        self.pread_full(&mut bounce, start)?;
+        let skip = (offset - start) as usize;
+        buf.copy_from_slice(&bounce[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if self.align == 1 || self.aligned(offset, buf.len(), buf.as_ptr()) {
+            self.pwrite_full(buf, offset)?;
+        } else {
+            let (start, len) = self.bounce_range(offset, buf.len());
+            let _guard = self.rmw.lock().unwrap_or_else(|e| e.into_inner());
+            let mut bounce = AlignedBuf::new(len, self.align.max(4096));
+            self.pread_full(&mut bounce, start)?;
+            let skip = (offset - start) as usize;
+            bounce[skip..skip + buf.len()].copy_from_slice(buf);
+            // Never extend the file past the caller's end because of alignment padding.
+            let old_size = self.size()?;
+            self.pwrite_full(&bounce, start)?;
+            let end = offset + buf.len() as u64;
+            if start + len as u64 > old_size.max(end) {
+                self.file
+                    .set_len(old_size.max(end))
+                    .map_err(|e| Error::io("Could not truncate after unaligned write", e))?;
+            }
+        }
+        if self.cache == CacheMode::Writethrough {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.cache.no_flush() || self.read_only {
+            return Ok(());
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io(format!("Could not flush '{}'", self.path.display()), e))
+    }
+
+    fn size(&self) -> Result<u64> {
+        let md = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io(format!("Could not stat '{}'", self.path.display()), e))?;
+        if md.file_type().is_file() {
+            return Ok(md.len());
+        }
+        // Block devices report their size through lseek.
+        // SAFETY: lseek on an fd we own; no memory is passed.
+        let end = unsafe { libc::lseek(self.file.as_raw_fd(), 0, libc::SEEK_END) };
+        if end < 0 {
+            return Err(errno_err("Could not get the device size"));
+        }
+        Ok(end as u64)
+    }
+
+    fn set_size(&self, size: u64) -> Result<()> {
+        self.check_writable()?;
+        self.file
+            .set_len(size)
+            .map_err(|e| Error::io(format!("Could not resize '{}'", self.path.display()), e))
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        let size = self.size()?;
+        if offset >= size {
+            return Ok(());
+        }
+        let len = len.min(size - offset);
+        match self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                self.write_zero_bytes(offset, len)
+            }
+            Err(e) => Err(Error::io("Could not discard", e)),
+        }
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        let size = self.size()?;
+        let end = offset + len;
+        if unmap && end <= size && self.discard(offset, len).is_ok() {
+            return Ok(());
+        }
+        let mode = if end > size {
+            libc::FALLOC_FL_ZERO_RANGE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        match self.fallocate(mode, offset, len) {
+            Ok(()) => Ok(()),
+            Err(_) => self.write_zero_bytes(offset, len),
+        }
+    }
+
+    fn preallocate(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.fallocate(0, offset, len)
+            .map_err(|e| Error::io("Could not preallocate", e))
+    }
+
+    fn extent_at(&self, offset: u64, len: u64) -> Result<(bool, u64)> {
+        let size = self.size()?;
+        if offset >= size {
+            return Ok((false, len));
+        }
+        let fd = self.file.as_raw_fd();
+        // SAFETY: lseek on an fd we own; no memory is passed.
+        let data = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                // No data from here to the end of the file.
+                return Ok((false, len));
+            }
+            return Ok((true, len));
+        }
+        let data = data as u64;
+        if data > offset {
+            return Ok((false, (data - offset).min(len)));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Ok((true, len));
+        }
+        let hole = hole as u64;
+        Ok((true, hole.saturating_sub(offset).clamp(1, len)))
+    }
+
+    fn allocated_size(&self) -> Result<u64> {
+        let md = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io(format!("Could not stat '{}'", self.path.display()), e))?;
+        Ok(md.blocks() * 512)
+    }
+
+    fn alignment(&self) -> usize {
+        self.align
+    }
+
+    fn name(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+}
