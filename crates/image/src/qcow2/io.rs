@@ -400,6 +400,7 @@ impl Qcow2 {
             ),
             ClusterType::Unallocated | ClusterType::ZeroPlain => (0, false, None),
         };
+        let fresh_from = m.end_cluster;
         let host = if reuse {
             m.check_overlap(host, cs, "guest data")?;
             host
@@ -407,6 +408,14 @@ impl Qcow2 {
             m.alloc_clusters(st, 1)?
         };
         drop(m);
+        // A cluster past everything ever written reads as zeroes already: when the
+        // old contents are zeroes too, only the new data needs writing.
+        let old_reads_zero = match ct {
+            ClusterType::ZeroPlain => true,
+            ClusterType::Unallocated => self.backing.is_none(),
+            _ => false,
+        };
+        let fresh = !reuse && host / cs >= fresh_from;
 
         // Which part of the cluster gets written, and the new subcluster bitmap.
         let old_has_data = matches!(ct, ClusterType::Normal(_) | ClusterType::Compressed { .. });
@@ -433,8 +442,10 @@ impl Qcow2 {
                 (base | touched) & !(touched << 32),
             )
         };
-        let r = if w_start == in_off && w_end == in_off + data.len() as u64 {
-            self.st.write_at(data, host + w_start)
+        let r = if (w_start == in_off && w_end == in_off + data.len() as u64)
+            || (fresh && old_reads_zero)
+        {
+            self.st.write_at(data, host + in_off)
         } else {
             let mut buf = vec![0u8; (w_end - w_start) as usize];
             let head = (in_off - w_start) as usize;
