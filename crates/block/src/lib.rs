@@ -12,6 +12,7 @@ pub mod graph;
 pub mod node;
 mod null;
 pub mod options;
+pub mod qemu_io;
 pub mod tracker;
 
 pub use bitmap::DirtyBitmap;

@@ -194,3 +194,31 @@ fn backing_chain_implicit_and_explicit() {
     );
     assert!(g.close_all().is_empty());
 }
+
+#[test]
+fn qemu_io_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = qcow2(dir.path(), "a.qcow2", None);
+    let g = BlockGraph::new();
+    add(
+        &g,
+        json!({"driver": "qcow2", "node-name": "q0", "discard": "unmap",
+               "file": {"driver": "file", "filename": img}}),
+    )
+    .unwrap();
+    let n = g.node("q0").unwrap();
+    use strata_block::qemu_io::run;
+    assert!(run(&n, "write -P 0x5a 0 64k")
+        .starts_with("wrote 65536/65536 bytes at offset 0\n64 KiB, 1 ops;"));
+    assert!(!run(&n, "read -P 0x5a 0 64k").contains("verification failed"));
+    assert!(run(&n, "read -P 0x11 0 512")
+        .starts_with("Pattern verification failed at offset 0, 512 bytes"));
+    run(&n, "write -z 0 4k");
+    assert!(!run(&n, "read -P 0 0 4k").contains("failed"));
+    run(&n, "discard 0 64k");
+    assert!(!run(&n, "read -P 0 0 64k").contains("failed"));
+    assert_eq!(run(&n, "bogus"), "command \"bogus\" not found\n");
+    assert!(run(&n, "write 0 16M").starts_with("write failed"));
+    assert_eq!(run(&n, "flush"), "");
+    assert!(g.close_all().is_empty());
+}
