@@ -288,12 +288,7 @@ fn visit<'a>(ty: &'a Type, v: &'a Json, path: &mut Vec<Seg<'a>>) -> Result<(), S
         let u = match v {
             Json::Int(i) => *i as u64,
             Json::UInt(u) => *u,
-            _ => {
-                return Err(format!(
-                    "Parameter '{}' expects uint64",
-                    full_name(path)
-                ))
-            }
+            _ => return Err(format!("Parameter '{}' expects uint64", full_name(path))),
         };
         if u > hi {
             return Err(format!(
@@ -414,7 +409,12 @@ pub struct SchemaWriter {
 }
 
 fn obj(members: Vec<(&str, Json)>) -> Json {
-    Json::Object(members.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+    Json::Object(
+        members
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    )
 }
 
 fn s(v: &str) -> Json {
@@ -428,7 +428,14 @@ impl SchemaWriter {
     }
 
     /// Adds a command entry.
-    pub fn command(&mut self, name: &str, args: &Arc<ObjectType>, ret: &Type, allow_oob: bool, features: &[String]) {
+    pub fn command(
+        &mut self,
+        name: &str,
+        args: &Arc<ObjectType>,
+        ret: &Type,
+        allow_oob: bool,
+        features: &[String],
+    ) {
         let arg = self.object_name(args);
         let ret = self.type_name(ret);
         let mut m = vec![
@@ -441,7 +448,10 @@ impl SchemaWriter {
             m.push(("allow-oob", Json::Bool(true)));
         }
         if !features.is_empty() {
-            m.push(("features", Json::Array(features.iter().map(|f| s(f)).collect())));
+            m.push((
+                "features",
+                Json::Array(features.iter().map(|f| s(f)).collect()),
+            ));
         }
         self.entities.push(obj(m));
     }
@@ -615,41 +625,116 @@ mod tests {
     fn qemu_texts() {
         let o = bitmap_add();
         assert_eq!(err(&o, r#"{"node":"x"}"#), "Parameter 'name' is missing");
-        assert_eq!(err(&o, r#"{"node":1,"name":"b"}"#), "Invalid parameter type for 'node', expected: string");
-        assert_eq!(err(&o, r#"{"node":null,"name":"b"}"#), "Invalid parameter type for 'node', expected: string");
-        assert_eq!(err(&o, r#"{"node":"x","name":"b","granularity":"s"}"#), "Parameter 'granularity' expects uint64");
-        assert_eq!(err(&o, r#"{"node":"x","name":"b","granularity":1.5}"#), "Parameter 'granularity' expects uint64");
-        assert_eq!(err(&o, r#"{"node":"x","name":"b","granularity":-1}"#), "Parameter 'granularity' expects uint32_t");
-        assert_eq!(err(&o, r#"{"node":"x","name":"b","granularity":4294967296}"#), "Parameter 'granularity' expects uint32_t");
-        assert_eq!(err(&o, r#"{"node":"x","name":"b","persistent":1}"#), "Invalid parameter type for 'persistent', expected: boolean");
-        assert_eq!(err(&o, r#"{"node":"x","name":"b","foo":1}"#), "Parameter 'foo' is unexpected");
-        assert!(check_args(&o, &parse(br#"{"node":"x","name":"b","granularity":65536}"#).unwrap()).is_ok());
+        assert_eq!(
+            err(&o, r#"{"node":1,"name":"b"}"#),
+            "Invalid parameter type for 'node', expected: string"
+        );
+        assert_eq!(
+            err(&o, r#"{"node":null,"name":"b"}"#),
+            "Invalid parameter type for 'node', expected: string"
+        );
+        assert_eq!(
+            err(&o, r#"{"node":"x","name":"b","granularity":"s"}"#),
+            "Parameter 'granularity' expects uint64"
+        );
+        assert_eq!(
+            err(&o, r#"{"node":"x","name":"b","granularity":1.5}"#),
+            "Parameter 'granularity' expects uint64"
+        );
+        assert_eq!(
+            err(&o, r#"{"node":"x","name":"b","granularity":-1}"#),
+            "Parameter 'granularity' expects uint32_t"
+        );
+        assert_eq!(
+            err(&o, r#"{"node":"x","name":"b","granularity":4294967296}"#),
+            "Parameter 'granularity' expects uint32_t"
+        );
+        assert_eq!(
+            err(&o, r#"{"node":"x","name":"b","persistent":1}"#),
+            "Invalid parameter type for 'persistent', expected: boolean"
+        );
+        assert_eq!(
+            err(&o, r#"{"node":"x","name":"b","foo":1}"#),
+            "Parameter 'foo' is unexpected"
+        );
+        assert!(check_args(
+            &o,
+            &parse(br#"{"node":"x","name":"b","granularity":65536}"#).unwrap()
+        )
+        .is_ok());
     }
 
     #[test]
     fn nested_names() {
-        let bm = ObjectType::new("BlockDirtyBitmap").member("node", Type::Str).member("name", Type::Str).into_type();
+        let bm = ObjectType::new("BlockDirtyBitmap")
+            .member("node", Type::Str)
+            .member("name", Type::Str)
+            .into_type();
         let alt = Type::alternate("BlockDirtyBitmapOrStr", vec![Type::Str, bm]);
         let merge = ObjectType::new("m")
             .member("node", Type::Str)
             .member("target", Type::Str)
             .member("bitmaps", Type::array(alt));
-        assert_eq!(err(&merge, r#"{"node":"x","target":"b","bitmaps":[1]}"#), "Invalid parameter type for 'null', expected: BlockDirtyBitmapOrStr");
-        assert_eq!(err(&merge, r#"{"node":"x","target":"b","bitmaps":{}}"#), "Invalid parameter type for 'bitmaps', expected: array");
-        assert_eq!(err(&merge, r#"{"node":"x","target":"b","bitmaps":[{"node":"a"}]}"#), "Parameter 'bitmaps[0].name' is missing");
-        let cache = ObjectType::new("c").optional("direct", Type::Bool).into_type();
+        assert_eq!(
+            err(&merge, r#"{"node":"x","target":"b","bitmaps":[1]}"#),
+            "Invalid parameter type for 'null', expected: BlockDirtyBitmapOrStr"
+        );
+        assert_eq!(
+            err(&merge, r#"{"node":"x","target":"b","bitmaps":{}}"#),
+            "Invalid parameter type for 'bitmaps', expected: array"
+        );
+        assert_eq!(
+            err(
+                &merge,
+                r#"{"node":"x","target":"b","bitmaps":[{"node":"a"}]}"#
+            ),
+            "Parameter 'bitmaps[0].name' is missing"
+        );
+        let cache = ObjectType::new("c")
+            .optional("direct", Type::Bool)
+            .into_type();
         let aio = Type::enumeration("BlockdevAioOptions", &["threads", "native"]);
-        let file = ObjectType::new("f").member("filename", Type::Str).optional("aio", aio).optional("cache", cache);
+        let file = ObjectType::new("f")
+            .member("filename", Type::Str)
+            .optional("aio", aio)
+            .optional("cache", cache);
         let add = ObjectType::new("BlockdevOptions")
-            .member("driver", Type::enumeration("BlockdevDriver", &["file", "null-co"]))
+            .member(
+                "driver",
+                Type::enumeration("BlockdevDriver", &["file", "null-co"]),
+            )
             .optional("node-name", Type::Str)
             .variants("driver", vec![("file".into(), file)]);
-        assert_eq!(err(&add, r#"{"driver":"nope"}"#), "Parameter 'driver' does not accept value 'nope'");
-        assert_eq!(err(&add, r#"{"driver":"file","filename":"x","aio":"x"}"#), "Parameter 'aio' does not accept value 'x'");
-        assert_eq!(err(&add, r#"{"driver":"file","filename":"x","cache":{"direct":"x"}}"#), "Invalid parameter type for 'cache.direct', expected: boolean");
-        assert_eq!(err(&add, r#"{"driver":"file","filename":"x","cache":{"zz":1}}"#), "Parameter 'cache.zz' is unexpected");
-        assert_eq!(err(&add, r#"{"driver":"file","filename":"x","cache":1}"#), "Invalid parameter type for 'cache', expected: object");
-        assert_eq!(err(&add, r#"{"node-name":"a"}"#), "Parameter 'driver' is missing");
-        assert_eq!(err(&add, r#"{"driver":"null-co","filename":"x"}"#), "Parameter 'filename' is unexpected");
+        assert_eq!(
+            err(&add, r#"{"driver":"nope"}"#),
+            "Parameter 'driver' does not accept value 'nope'"
+        );
+        assert_eq!(
+            err(&add, r#"{"driver":"file","filename":"x","aio":"x"}"#),
+            "Parameter 'aio' does not accept value 'x'"
+        );
+        assert_eq!(
+            err(
+                &add,
+                r#"{"driver":"file","filename":"x","cache":{"direct":"x"}}"#
+            ),
+            "Invalid parameter type for 'cache.direct', expected: boolean"
+        );
+        assert_eq!(
+            err(&add, r#"{"driver":"file","filename":"x","cache":{"zz":1}}"#),
+            "Parameter 'cache.zz' is unexpected"
+        );
+        assert_eq!(
+            err(&add, r#"{"driver":"file","filename":"x","cache":1}"#),
+            "Invalid parameter type for 'cache', expected: object"
+        );
+        assert_eq!(
+            err(&add, r#"{"node-name":"a"}"#),
+            "Parameter 'driver' is missing"
+        );
+        assert_eq!(
+            err(&add, r#"{"driver":"null-co","filename":"x"}"#),
+            "Parameter 'filename' is unexpected"
+        );
     }
 }
