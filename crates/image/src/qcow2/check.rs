@@ -265,12 +265,10 @@ impl Qcow2 {
                             }
                             continue;
                         }
-                        w.inc(
-                            cs,
-                            start,
-                            (offset + len).min(file_size) - start,
-                            "compressed cluster",
-                        );
+                        let end = (offset + len).min(file_size);
+                        if end > start {
+                            w.inc(cs, start, end - start, "compressed cluster");
+                        }
                     }
                     ClusterType::Normal(h) | ClusterType::ZeroAlloc(h) => {
                         if h % cs != 0 || h >= file_size {

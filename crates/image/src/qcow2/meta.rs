@@ -190,6 +190,18 @@ impl Meta {
         Ok(())
     }
 
+    /// Fails for a host offset past everything in the image file (and past every
+    /// cluster this process allocated): a corrupt entry must not make a write grow
+    /// the file to an arbitrary size.
+    pub fn check_in_image(&self, offset: u64, what: &str) -> Result<()> {
+        if offset >= self.end_cluster.saturating_mul(self.geo.cs) {
+            return Err(Error::corrupt(format!(
+                "{what} offset {offset:#x} lies beyond the end of the image"
+            )));
+        }
+        Ok(())
+    }
+
     // ---------------------------------------------------------------- L2 tables
 
     fn validate_l2_offset(&self, l1e: u64) -> Result<u64> {
@@ -204,6 +216,7 @@ impl Meta {
                 "L2 table offset {off:#x} unaligned"
             )));
         }
+        self.check_in_image(off, "L2 table")?;
         Ok(off)
     }
 
