@@ -445,10 +445,14 @@ impl Qcow2 {
                 (base | touched) & !(touched << 32),
             )
         };
-        let r = if (w_start == in_off && w_end == in_off + data.len() as u64)
-            || (fresh && old_reads_zero)
-        {
+        let r = if w_start == in_off && w_end == in_off + data.len() as u64 {
             self.st.write_at(data, host + in_off)
+        } else if fresh && old_reads_zero {
+            // As QEMU does for copy-on-write from zeroes: make the written part of
+            // the cluster read as zero cheaply, then write the data.
+            self.st
+                .write_zeroes(host + w_start, w_end - w_start, false)
+                .and_then(|()| self.st.write_at(data, host + in_off))
         } else {
             let mut buf = vec![0u8; (w_end - w_start) as usize];
             let head = (in_off - w_start) as usize;

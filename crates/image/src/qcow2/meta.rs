@@ -277,7 +277,16 @@ impl Meta {
         }
         self.load_l2(st, off)?;
         let idx = (gc & (self.geo.l2_entries - 1)) as usize;
-        Ok(self.l2_cache.get(off).map(|t| t.get(idx)).unwrap_or((0, 0)))
+        let (entry, bitmap) = self.l2_cache.get(off).map(|t| t.get(idx)).unwrap_or((0, 0));
+        if entry & super::l2::OFLAG_COMPRESSED == 0 {
+            let host = entry & OFFSET_MASK;
+            if host % self.geo.cs != 0 {
+                return Err(Error::corrupt(format!(
+                    "Cluster allocation offset {host:#x} unaligned (L2 offset: {off:#x}, L2 index: {idx:#x})"
+                )));
+            }
+        }
+        Ok((entry, bitmap))
     }
 
     /// Sets the entry of guest cluster `gc`, whose L2 table must be writable
