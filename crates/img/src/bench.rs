@@ -19,10 +19,10 @@ use crate::util::parse_size;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Number of requests (default 75000).
-    #[arg(short = 'c')]
+    #[arg(short = 'c', allow_hyphen_values = true)]
     count: Option<String>,
     /// Queue depth: requests in flight at once (default 64).
-    #[arg(short = 'd')]
+    #[arg(short = 'd', allow_hyphen_values = true)]
     depth: Option<String>,
     /// Image format (probed when absent).
     #[arg(short = 'f')]
@@ -34,16 +34,16 @@ pub struct Args {
     #[arg(short = 'i')]
     aio: Option<String>,
     /// Offset of the first request.
-    #[arg(short = 'o')]
+    #[arg(short = 'o', allow_hyphen_values = true)]
     offset: Option<String>,
     /// Quiet.
     #[arg(short = 'q')]
     quiet: bool,
     /// Buffer size of each request (default 4k).
-    #[arg(short = 's')]
+    #[arg(short = 's', allow_hyphen_values = true)]
     bufsize: Option<String>,
     /// Step between request offsets (default: the buffer size).
-    #[arg(short = 'S')]
+    #[arg(short = 'S', allow_hyphen_values = true)]
     step: Option<String>,
     /// Cache mode (default writeback).
     #[arg(short = 't')]
@@ -55,10 +55,10 @@ pub struct Args {
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Byte written by write requests.
-    #[arg(long = "pattern")]
+    #[arg(long = "pattern", allow_hyphen_values = true)]
     pattern: Option<String>,
     /// Flush every N requests (write tests only).
-    #[arg(long = "flush-interval")]
+    #[arg(long = "flush-interval", allow_hyphen_values = true)]
     flush_interval: Option<String>,
     /// Do not drain the queue before a flush.
     #[arg(long = "no-drain")]
@@ -79,29 +79,35 @@ pub fn parse_ulong(s: &str) -> Option<u64> {
     }
 }
 
-fn num_arg(v: &Option<String>, max: u64, msg: &str, default: u64) -> CliResult<u64> {
+fn num_arg(v: &Option<String>, what: &str, min: u64, max: u64, default: u64) -> CliResult<u64> {
+    let range = || {
+        CliError::msg(format!(
+            "Invalid {what} specified. Must be between {min} and {max}."
+        ))
+    };
     match v {
         None => Ok(default),
         Some(s) => match parse_ulong(s) {
-            Some(n) if n <= max => Ok(n),
-            _ => Err(CliError::msg(msg)),
-        },
-    }
-}
-
-fn size_arg(v: &Option<String>, what: &str, max: u64, default: u64) -> CliResult<u64> {
-    match v {
-        None => Ok(default),
-        Some(s) => match parse_size(s) {
-            Some(n) if n <= max => Ok(n),
-            Some(_) => Err(CliError::msg(format!(
-                "Invalid {what} specified. Must be between 0 and {max}."
-            ))),
+            Some(n) if (min..=max).contains(&n) => Ok(n),
+            Some(_) => Err(range()),
+            None if s.trim().strip_prefix('-').and_then(parse_ulong).is_some() => Err(range()),
             None => Err(CliError::msg(format!("Invalid {what} specified: '{s}'."))),
         },
     }
 }
 
+fn size_arg(v: &Option<String>, what: &str, min: u64, max: u64, default: u64) -> CliResult<u64> {
+    match v {
+        None => Ok(default),
+        Some(s) => match parse_size(s) {
+            Some(n) if (min..=max).contains(&n) => Ok(n),
+            Some(_) => Err(CliError::msg(format!(
+                "Invalid {what} specified. Must be between {min} and {max}."
+            ))),
+            None => Err(CliError::msg(format!("Invalid {what} specified: '{s}'."))),
+        },
+    }
+}
 /// The offset of request number `i`, as qemu-img bench walks them.
 pub fn request_offset(first: u64, step: u64, size: u64, i: u64) -> u64 {
     if i == 0 {
@@ -128,33 +134,20 @@ struct Shared {
 pub fn run(args: Args) -> CliResult<i32> {
     let _ = (args.force_share, args.native);
     let int_max = i32::MAX as u64;
-    let count = num_arg(
-        &args.count,
-        int_max,
-        "Invalid request count specified",
-        75000,
-    )?;
-    let depth = num_arg(&args.depth, int_max, "Invalid queue depth specified", 64)?;
-    if depth == 0 {
-        return Err(CliError::msg("Invalid queue depth specified"));
-    }
+    let count = num_arg(&args.count, "request count", 1, int_max, 75000)?;
+    let depth = num_arg(&args.depth, "queue depth", 1, int_max, 64)?;
     if let Some(a) = &args.aio {
         if !["threads", "native", "io_uring"].contains(&a.as_str()) {
             return Err(CliError::msg(format!("Invalid aio option: {a}")));
         }
     }
-    let first = size_arg(&args.offset, "offset", i64::MAX as u64, 0)?;
-    let bufsize = size_arg(&args.bufsize, "buffer size", int_max, 4096)?;
-    let step = size_arg(&args.step, "step_size", int_max, 0)?;
+    let first = size_arg(&args.offset, "offset", 0, i64::MAX as u64, 0)?;
+    let bufsize = size_arg(&args.bufsize, "buffer size", 1, int_max, 4096)?;
+    let step = size_arg(&args.step, "step_size", 0, int_max, 0)?;
     let cache = parse_cache(args.cache.as_deref(), CacheMode::Writeback)
         .map_err(|_| CliError::msg("Invalid cache mode"))?;
-    let pattern = num_arg(&args.pattern, 0xff, "Invalid pattern byte specified", 0)? as u8;
-    let flush_interval = num_arg(
-        &args.flush_interval,
-        int_max,
-        "Invalid flush interval specified",
-        0,
-    )?;
+    let pattern = num_arg(&args.pattern, "pattern byte", 0, 0xff, 0)? as u8;
+    let flush_interval = num_arg(&args.flush_interval, "flush interval", 0, int_max, 0)?;
     if !args.write && flush_interval != 0 {
         return Err(CliError::msg(
             "--flush-interval is only available in write tests",
@@ -240,7 +233,14 @@ pub fn run(args: Args) -> CliResult<i32> {
                     };
                     if let Err(e) = res {
                         let mut slot = sh.error.lock().unwrap_or_else(|p| p.into_inner());
-                        slot.get_or_insert_with(|| format!("Failed request: {e}"));
+                        let past_end = off.saturating_add(bufsize) > size;
+                        slot.get_or_insert_with(|| {
+                            if past_end {
+                                "Failed request: Input/output error".to_string()
+                            } else {
+                                format!("Failed request: {e}")
+                            }
+                        });
                         sh.failed.store(true, Ordering::Relaxed);
                         sh.gate_cv.notify_all();
                         return;

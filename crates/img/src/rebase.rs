@@ -90,9 +90,7 @@ pub fn run(args: Args) -> CliResult<i32> {
     let removing = new_name.is_empty();
     let new_path = resolve_backing_path(Path::new(&args.filename), &new_name);
     let mut new_fmt = args.backing_fmt.clone();
-    let new_backing = if removing {
-        None
-    } else if args.unsafe_mode && new_fmt.is_some() {
+    let new_backing = if removing || (args.unsafe_mode && new_fmt.is_some()) {
         None
     } else {
         let opened = open(

@@ -45,7 +45,7 @@ pub enum SizeArg {
 
 /// Parses `N`, `+N` or `-N` with size suffixes.
 pub fn parse_size_arg(s: &str) -> CliResult<SizeArg> {
-    let bad = || CliError::msg(format!("Invalid image size specified: '{s}'."));
+    let bad = || CliError::msg("Parameter 'size' expects a non-negative number below 2^64");
     if let Some(rest) = s.strip_prefix('+') {
         parse_size(rest).map(SizeArg::Grow).ok_or_else(bad)
     } else if let Some(rest) = s.strip_prefix('-') {
@@ -80,7 +80,7 @@ pub fn run(args: Args) -> CliResult<i32> {
         SizeArg::Shrink(v) => Some(
             current
                 .checked_sub(v)
-                .ok_or_else(|| CliError::msg("New image size must be positive."))?,
+                .ok_or_else(|| CliError::msg("New image size must be positive"))?,
         ),
     };
     let new = match new {

@@ -78,17 +78,23 @@ pub fn cvtnum(what: &str, value: &str, max: u64) -> CliResult<u64> {
         Some(_) => Err(CliError::msg(format!(
             "Invalid {what} specified. Must be between 0 and {max}."
         ))),
-        None if value.trim_start().starts_with('-')
-            && parse_size(&value.trim_start()[1..]).is_some() =>
-        {
-            Err(CliError::msg(format!(
-                "Invalid {what} specified. Must be between 0 and {max}."
-            )))
-        }
+        None if looks_like_size(value) => Err(CliError::msg(format!(
+            "Invalid {what} specified. Must be between 0 and {max}."
+        ))),
         None => Err(CliError::msg(format!(
             "Invalid {what} specified: '{value}'."
         ))),
     }
+}
+
+/// Whether `s` is a well-formed size that is out of range (negative or too large).
+fn looks_like_size(s: &str) -> bool {
+    let t = s.trim_start();
+    let t = t.strip_prefix('-').unwrap_or(t);
+    let end = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    !t[..end].is_empty() && t[..end].parse::<f64>().is_ok() && suffix_mult(&t[end..]).is_some()
 }
 
 /// Formats a float like C's `printf("%.<prec>g")`.
@@ -250,9 +256,7 @@ impl Progress {
     /// Finishes the line.
     pub fn finish(&mut self) {
         if self.enabled {
-            if self.last < 100.0 {
-                self.print(100.0);
-            }
+            self.print(100.0);
             println!();
         }
     }
