@@ -141,6 +141,28 @@ pub fn chain_status(
                 compressed: st.compressed,
                 offset: st.offset,
             };
+            if layer.format_name() == "qcow2"
+                && st.data
+                && !st.zero
+                && st.offset.is_some()
+                && metadata_preallocated(layer.as_ref())
+            {
+                // Like QEMU, look through to the file for holes under preallocated clusters.
+                let host = st.offset.unwrap_or(0);
+                let storage = layer.storage();
+                if let Ok(flen) = storage.size() {
+                    if host >= flen {
+                        status.zero = true;
+                    } else if let Ok((data, n)) = storage.extent_at(host, len.min(flen - host)) {
+                        if !data {
+                            status.zero = true;
+                        }
+                        if n > 0 && host + n < flen {
+                            status.len = status.len.min(n);
+                        }
+                    }
+                }
+            }
             if layer.format_name() == "raw" && offset < RAW_FIRST_BLOCK && !st.data {
                 // QEMU always reports the first block of a raw file as data.
                 let first = RAW_FIRST_BLOCK.min(size) - offset;
@@ -164,6 +186,22 @@ pub fn chain_status(
         }
         depth = next;
     }
+}
+
+/// QEMU's guess whether a qcow2 image was created with `preallocation=metadata`: far more
+/// clusters in the file than the host actually stores. (QEMU counts clusters with a
+/// non-zero refcount; the file length in clusters stands in for that here.)
+fn metadata_preallocated(layer: &dyn FormatDriver) -> bool {
+    let Some(cs) = layer.cluster_size() else {
+        return false;
+    };
+    let storage = layer.storage();
+    let (Ok(len), Ok(alloc)) = (storage.size(), storage.allocated_size()) else {
+        return false;
+    };
+    let real = alloc / cs;
+    let threshold = (real * 10 / 9).max(real + 2);
+    len.div_ceil(cs) >= threshold
 }
 
 /// QEMU reports the first 4 KiB of a raw file as data even when it is a hole.
