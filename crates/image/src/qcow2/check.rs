@@ -80,9 +80,7 @@ impl Qcow2 {
         let mut fixed_corruptions = 0u64;
         let mut fixed_leaks = 0u64;
         // Entries pointing outside the image.
-        if mode == RepairMode::All
-            && (!first.bad_l1_empty() || !first.bad_l2_empty())
-        {
+        if mode == RepairMode::All && (!first.bad_l1_empty() || !first.bad_l2_empty()) {
             let walk = self.walk(&mut m, st)?;
             for &i in &walk.bad_l1 {
                 m.l1[i] = 0;
@@ -168,7 +166,12 @@ impl Qcow2 {
         w.inc(cs, 0, cs, "header");
         // Active L1.
         let l1 = m.l1.clone();
-        w.inc(cs, m.header.l1_table_offset, l1.len() as u64 * 8, "L1 table");
+        w.inc(
+            cs,
+            m.header.l1_table_offset,
+            l1.len() as u64 * 8,
+            "L1 table",
+        );
         self.walk_l1(m, st, &mut w, &l1, true, file_size)?;
         // Snapshots.
         if m.header.nb_snapshots > 0 {
@@ -262,7 +265,12 @@ impl Qcow2 {
                             }
                             continue;
                         }
-                        w.inc(cs, start, (offset + len).min(file_size) - start, "compressed cluster");
+                        w.inc(
+                            cs,
+                            start,
+                            (offset + len).min(file_size) - start,
+                            "compressed cluster",
+                        );
                     }
                     ClusterType::Normal(h) | ClusterType::ZeroAlloc(h) => {
                         if h % cs != 0 || h >= file_size {
@@ -292,7 +300,13 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn walk_bitmaps(&self, st: &dyn Storage, w: &mut Walk, ext: &[u8], file_size: u64) -> Result<()> {
+    fn walk_bitmaps(
+        &self,
+        st: &dyn Storage,
+        w: &mut Walk,
+        ext: &[u8],
+        file_size: u64,
+    ) -> Result<()> {
         let cs = self.geo.cs;
         if ext.len() < 24 {
             return Ok(());
@@ -316,9 +330,11 @@ impl Qcow2 {
                 break;
             }
             let table_off = be64(&dir, p);
-            let table_size = u32::from_be_bytes([dir[p + 8], dir[p + 9], dir[p + 10], dir[p + 11]]) as u64;
+            let table_size =
+                u32::from_be_bytes([dir[p + 8], dir[p + 9], dir[p + 10], dir[p + 11]]) as u64;
             let name_size = u16::from_be_bytes([dir[p + 18], dir[p + 19]]) as usize;
-            let extra = u32::from_be_bytes([dir[p + 20], dir[p + 21], dir[p + 22], dir[p + 23]]) as usize;
+            let extra =
+                u32::from_be_bytes([dir[p + 20], dir[p + 21], dir[p + 22], dir[p + 23]]) as usize;
             p += (24 + extra + name_size).div_ceil(8) * 8;
             if table_off == 0 || table_off + table_size * 8 > file_size {
                 continue;
@@ -442,7 +458,11 @@ impl Qcow2 {
         for &(i, off) in &walk.active_l2 {
             let rc = m.refcount(st, off / cs)?;
             let e = m.l1[i];
-            let want = if rc == 1 { e | OFLAG_COPIED } else { e & !OFLAG_COPIED };
+            let want = if rc == 1 {
+                e | OFLAG_COPIED
+            } else {
+                e & !OFLAG_COPIED
+            };
             if want != e {
                 m.l1[i] = want;
                 m.l1_dirty = true;

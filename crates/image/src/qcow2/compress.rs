@@ -50,7 +50,9 @@ pub fn decompress(kind: u8, input: &[u8], out: &mut [u8]) -> Result<()> {
             }
             Ok(())
         }
-        _ => Err(Error::unsupported(format!("Unknown compression type {kind}"))),
+        _ => Err(Error::unsupported(format!(
+            "Unknown compression type {kind}"
+        ))),
     }
 }
 
@@ -71,7 +73,9 @@ pub fn compress(kind: u8, input: &[u8], max_len: usize) -> Result<Option<Vec<u8>
                 .map_err(|e| Error::invalid(format!("Compression failed: {e}")))?;
             Ok((out.len() < max_len).then_some(out))
         }
-        _ => Err(Error::unsupported(format!("Unknown compression type {kind}"))),
+        _ => Err(Error::unsupported(format!(
+            "Unknown compression type {kind}"
+        ))),
     }
 }
 

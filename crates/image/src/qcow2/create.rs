@@ -160,12 +160,7 @@ pub fn create(storage: Arc<dyn Storage>, size: u64, opts: &CreateOptions) -> Res
     st.write_at(&block, 2 * cs)?;
     st.flush()?;
 
-    let q = Qcow2::open(
-        storage.clone(),
-        Qcow2OpenOptions::default(),
-        None,
-        false,
-    )?;
+    let q = Qcow2::open(storage.clone(), Qcow2OpenOptions::default(), None, false)?;
     q.resize_impl(size, opts.preallocation)?;
     q.flush()?;
     Ok(())

@@ -173,7 +173,9 @@ impl Header {
     /// the image file's length.
     pub fn parse(buf: &[u8], file_size: u64) -> Result<Header> {
         if buf.len() < 72 {
-            return Err(Error::corrupt("Image is not in qcow2 format (header truncated)"));
+            return Err(Error::corrupt(
+                "Image is not in qcow2 format (header truncated)",
+            ));
         }
         if be32(buf, 0) != MAGIC {
             return Err(Error::corrupt("Image is not in qcow2 format"));
@@ -307,9 +309,8 @@ impl Header {
                     "Backing file name lies outside the first cluster",
                 ));
             }
-            h.backing_file = Some(
-                String::from_utf8_lossy(&buf[start as usize..end as usize]).into_owned(),
-            );
+            h.backing_file =
+                Some(String::from_utf8_lossy(&buf[start as usize..end as usize]).into_owned());
         }
 
         // Table placement.
@@ -328,7 +329,9 @@ impl Header {
             Ok(())
         };
         if h.refcount_table_clusters == 0 {
-            return Err(Error::corrupt("Image does not contain a reference count table"));
+            return Err(Error::corrupt(
+                "Image does not contain a reference count table",
+            ));
         }
         let rt_bytes = h.refcount_table_clusters as u64 * cs;
         if rt_bytes > MAX_REFTABLE_BYTES {
@@ -443,8 +446,7 @@ impl Header {
         let total = self.header_length as usize + ext.len() + name.len();
         if total > cs {
             return Err(Error::NoSpace(
-                "Header, extensions and backing file name do not fit in the first cluster"
-                    .into(),
+                "Header, extensions and backing file name do not fit in the first cluster".into(),
             ));
         }
         if self.backing_file.is_some() {

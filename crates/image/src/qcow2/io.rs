@@ -114,25 +114,39 @@ impl Qcow2 {
     }
 
     fn decompressed(&self, offset: u64, len: u64) -> Result<Arc<Vec<u8>>> {
-        {
+        let gen = {
             let z = self.zcache.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((o, d)) = z.as_ref() {
+            if let Some((o, d)) = z.1.as_ref() {
                 if *o == offset {
                     return Ok(d.clone());
                 }
             }
-        }
+            z.0
+        };
         let cs = self.geo.cs;
         let len = len.min(2 * cs + 512);
         let mut input = vec![0u8; len as usize];
         self.st.read_at(&mut input, offset)?;
         let mut out = vec![0u8; cs as usize];
         compress::decompress(self.geo.compression_type, &input, &mut out).map_err(|e| {
-            Error::corrupt(format!("Compressed cluster at host offset {offset:#x}: {e}"))
+            Error::corrupt(format!(
+                "Compressed cluster at host offset {offset:#x}: {e}"
+            ))
         })?;
         let out = Arc::new(out);
-        *self.zcache.lock().unwrap_or_else(|e| e.into_inner()) = Some((offset, out.clone()));
+        let mut z = self.zcache.lock().unwrap_or_else(|e| e.into_inner());
+        // Only cache if no compressed write happened meanwhile (it may reuse `offset`).
+        if z.0 == gen {
+            z.1 = Some((offset, out.clone()));
+        }
         Ok(out)
+    }
+
+    /// Forgets the cached decompressed cluster (its host space may be reused).
+    fn invalidate_zcache(&self) {
+        let mut z = self.zcache.lock().unwrap_or_else(|e| e.into_inner());
+        z.0 += 1;
+        z.1 = None;
     }
 
     pub(super) fn read_impl(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -264,10 +278,7 @@ impl Qcow2 {
         drop(m);
 
         // Which part of the cluster gets written, and the new subcluster bitmap.
-        let old_has_data = matches!(
-            ct,
-            ClusterType::Normal(_) | ClusterType::Compressed { .. }
-        );
+        let old_has_data = matches!(ct, ClusterType::Normal(_) | ClusterType::Compressed { .. });
         let (w_start, w_end, new_bitmap) = if !g.ext {
             (0, cs, 0)
         } else if !reuse && old_has_data {
@@ -280,8 +291,16 @@ impl Qcow2 {
         } else {
             let first = in_off >> g.sc_bits << g.sc_bits;
             let last = (in_off + data.len() as u64 - 1) >> g.sc_bits;
-            let base = if reuse { bitmap } else { bitmap & !BITMAP_ALL_ALLOC };
-            (first, (last + 1) << g.sc_bits, (base | touched) & !(touched << 32))
+            let base = if reuse {
+                bitmap
+            } else {
+                bitmap & !BITMAP_ALL_ALLOC
+            };
+            (
+                first,
+                (last + 1) << g.sc_bits,
+                (base | touched) & !(touched << 32),
+            )
         };
         let r = if w_start == in_off && w_end == in_off + data.len() as u64 {
             self.st.write_at(data, host + w_start)
@@ -294,7 +313,7 @@ impl Qcow2 {
             } else {
                 entry
             };
-            let res = (|| {
+            (|| {
                 if head > 0 {
                     self.read_from_entry(old_entry, bitmap, gc, w_start, &mut buf[..head])?;
                 }
@@ -309,8 +328,7 @@ impl Qcow2 {
                 }
                 buf[head..tail].copy_from_slice(data);
                 self.st.write_at(&buf, host + w_start)
-            })();
-            res
+            })()
         };
         let mut m = self.lock();
         if let Err(e) = r {
@@ -360,6 +378,7 @@ impl Qcow2 {
         let host = m.alloc_bytes(st, packed.len() as u64)?;
         m.inflight.insert(gc);
         drop(m);
+        self.invalidate_zcache();
         let r = self.st.write_at(&packed, host);
         let mut m = self.lock();
         m.inflight.remove(&gc);
@@ -520,8 +539,11 @@ impl Qcow2 {
                             return Ok(false);
                         }
                         (0, 0, self.host_of(entry))
-                    } else if let (ClusterType::Normal(h) | ClusterType::ZeroAlloc(h), false, true) =
-                        (ct, unmap, copied)
+                    } else if let (
+                        ClusterType::Normal(h) | ClusterType::ZeroAlloc(h),
+                        false,
+                        true,
+                    ) = (ct, unmap, copied)
                     {
                         if g.ext {
                             (h | OFLAG_COPIED, BITMAP_ALL_ZEROES, None)
@@ -618,8 +640,7 @@ impl Qcow2 {
                     first_data_host.map(|h| h + (pos - offset)) == Some(h2)
                 }
                 (SubState::Zero(Some(_)), SubState::Zero(Some(h2))) => {
-                    first_data_host.map(|h| h + (pos - offset))
-                        == Some(h2 + (pos & (g.cs - 1)))
+                    first_data_host.map(|h| h + (pos - offset)) == Some(h2 + (pos & (g.cs - 1)))
                 }
                 (SubState::Zero(None), SubState::Zero(None)) => true,
                 (SubState::Backing, SubState::Backing) => true,

@@ -391,9 +391,8 @@ impl Meta {
                 .filter(|&v| v <= refcount::max_value(order))
                 .ok_or_else(|| Error::invalid(format!("Refcount overflow for cluster {idx}")))?
         } else {
-            cur.checked_sub(delta.unsigned_abs()).ok_or_else(|| {
-                Error::corrupt(format!("Refcount underflow for cluster {idx}"))
-            })?
+            cur.checked_sub(delta.unsigned_abs())
+                .ok_or_else(|| Error::corrupt(format!("Refcount underflow for cluster {idx}")))?
         };
         if let Some(b) = self.rc_cache.get_mut(off) {
             refcount::set(b, i, order, new);
@@ -524,7 +523,8 @@ impl Meta {
             for b in idx / e..=(idx + n - 1) / e {
                 self.ensure_rb(st, b)?;
             }
-            for c in idx..idx + n {
+            let run = idx..idx + n;
+            for c in run {
                 if self.refcount(st, c)? != 0 {
                     idx = c + 1;
                     continue 'search;
@@ -546,7 +546,11 @@ impl Meta {
     pub fn alloc_bytes(&mut self, st: &dyn Storage, len: u64) -> Result<u64> {
         let cs = self.geo.cs;
         let fbo = self.free_byte_offset;
-        if fbo != 0 && fbo % cs != 0 && fbo % cs + len <= cs {
+        if fbo != 0
+            && fbo % cs != 0
+            && fbo % cs + len <= cs
+            && self.refcount(st, fbo / cs)? < refcount::max_value(self.geo.refcount_order)
+        {
             self.update_refcount(st, fbo / cs, 1)?;
             self.free_byte_offset = if (fbo + len) % cs == 0 { 0 } else { fbo + len };
             return Ok(fbo);
@@ -632,7 +636,9 @@ impl Meta {
             return Ok(());
         }
         if new_size * 8 > super::header::MAX_L1_BYTES {
-            return Err(Error::invalid("Image size too large: L1 table would exceed 32 MiB"));
+            return Err(Error::invalid(
+                "Image size too large: L1 table would exceed 32 MiB",
+            ));
         }
         self.flush(st)?;
         let cs = self.geo.cs;

@@ -51,13 +51,15 @@ pub struct Qcow2OpenOptions {
 }
 
 /// Opens backing files by (name, format) as stored in the header.
-pub type BackingOpener<'a> =
-    &'a mut dyn FnMut(&str, Option<&str>) -> Result<Arc<dyn FormatDriver>>;
+pub type BackingOpener<'a> = &'a mut dyn FnMut(&str, Option<&str>) -> Result<Arc<dyn FormatDriver>>;
 
 /// Default L2 cache: 32 MiB, as QEMU's default maximum on Linux.
 const DEFAULT_L2_CACHE: u64 = 32 << 20;
 /// Default refcount block cache: 4 MiB.
 const DEFAULT_RC_CACHE: u64 = 4 << 20;
+
+/// A decompressed cluster: (host offset of its compressed data, contents).
+type Decompressed = (u64, Arc<Vec<u8>>);
 
 /// A qcow2 image.
 pub struct Qcow2 {
@@ -68,8 +70,8 @@ pub struct Qcow2 {
     size: AtomicU64,
     meta: Mutex<Meta>,
     cv: Condvar,
-    /// The last decompressed cluster: (host offset, data).
-    zcache: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+    /// The last decompressed cluster, with a generation bumped by compressed writes.
+    zcache: Mutex<(u64, Option<Decompressed>)>,
 }
 
 /// Opens a qcow2 image over `storage`; `backing` opens its backing file by the name
@@ -80,7 +82,12 @@ pub fn open(
     backing: Option<BackingOpener<'_>>,
     force_backing: bool,
 ) -> Result<Arc<dyn FormatDriver>> {
-    Ok(Arc::new(Qcow2::open(storage, opts, backing, force_backing)?))
+    Ok(Arc::new(Qcow2::open(
+        storage,
+        opts,
+        backing,
+        force_backing,
+    )?))
 }
 
 impl Qcow2 {
@@ -96,7 +103,9 @@ impl Qcow2 {
         let mut first = [0u8; 104];
         st.read_at(&mut first, 0)?;
         if file_size < 72 {
-            return Err(Error::corrupt("Image is not in qcow2 format (file too short)"));
+            return Err(Error::corrupt(
+                "Image is not in qcow2 format (file too short)",
+            ));
         }
         let cluster_bits = u32::from_be_bytes([first[20], first[21], first[22], first[23]]);
         let hlen = if (9..=21).contains(&cluster_bits) {
@@ -138,7 +147,7 @@ impl Qcow2 {
             size: AtomicU64::new(size),
             meta: Mutex::new(meta),
             cv: Condvar::new(),
-            zcache: Mutex::new(None),
+            zcache: Mutex::new((0, None)),
         };
         if !read_only {
             q.prepare_for_writing()?;
@@ -265,7 +274,12 @@ impl FormatDriver for Qcow2 {
             dirty_flag: Some(h.incompatible_features & INCOMPAT_DIRTY != 0),
             format_specific: Some(FormatSpecific::Qcow2(Qcow2Specific {
                 compat: if h.version >= 3 { "1.1" } else { "0.10" }.into(),
-                compression_type: if h.compression_type == 1 { "zstd" } else { "zlib" }.into(),
+                compression_type: if h.compression_type == 1 {
+                    "zstd"
+                } else {
+                    "zlib"
+                }
+                .into(),
                 lazy_refcounts: h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0,
                 refcount_bits: h.refcount_bits(),
                 corrupt: h.incompatible_features & INCOMPAT_CORRUPT != 0,

@@ -49,7 +49,7 @@ mod tests {
     fn round_trip_every_width() {
         for order in 0..=6 {
             let mut block = vec![0u8; 512];
-            let entries = 512 * 8 >> order;
+            let entries = (512 * 8) >> order;
             for i in 0..entries {
                 set(&mut block, i, order, (i as u64 * 7919) & max_value(order));
             }

@@ -56,7 +56,9 @@ pub fn read_table(storage: &dyn Storage, h: &Header) -> Result<(Vec<Snapshot>, u
     let cs = h.cluster_size();
     for _ in 0..h.nb_snapshots {
         if off - h.snapshots_offset + 40 > MAX_TABLE_BYTES || off + 40 > file_size {
-            return Err(Error::corrupt("Snapshot table lies beyond the end of the image"));
+            return Err(Error::corrupt(
+                "Snapshot table lies beyond the end of the image",
+            ));
         }
         let mut fixed = [0u8; 40];
         storage.read_at(&mut fixed, off)?;
@@ -66,13 +68,16 @@ pub fn read_table(storage: &dyn Storage, h: &Header) -> Result<(Vec<Snapshot>, u
         let name_len = be16(&fixed, 14) as u64;
         let extra_len = be32(&fixed, 36);
         if extra_len > MAX_EXTRA {
-            return Err(Error::corrupt("Too much extra data in snapshot table entry"));
+            return Err(Error::corrupt(
+                "Too much extra data in snapshot table entry",
+            ));
         }
         let var_len = extra_len as u64 + id_len + name_len;
         let entry_len = (40 + var_len).div_ceil(8) * 8;
-        if off + entry_len > file_size || off - h.snapshots_offset + entry_len > MAX_TABLE_BYTES
-        {
-            return Err(Error::corrupt("Snapshot table lies beyond the end of the image"));
+        if off + entry_len > file_size || off - h.snapshots_offset + entry_len > MAX_TABLE_BYTES {
+            return Err(Error::corrupt(
+                "Snapshot table lies beyond the end of the image",
+            ));
         }
         let mut var = vec![0u8; var_len as usize];
         storage.read_at(&mut var, off + 40)?;

@@ -35,20 +35,26 @@ fn run_model(seed: u64, opts: CreateOptions) {
         let off = rng.gen_range(0..size - len);
         match rng.gen_range(0..10) {
             0..=5 => {
-                if std::env::var("QTRACE").is_ok() { eprintln!("write {off} {len}"); }
+                if std::env::var("QTRACE").is_ok() {
+                    eprintln!("write {off} {len}");
+                }
                 let byte = (step % 250 + 1) as u8;
                 let buf = vec![byte; len as usize];
                 img.write(&buf, off).unwrap();
                 model[off as usize..(off + len) as usize].fill(byte);
             }
             6 | 7 => {
-                if std::env::var("QTRACE").is_ok() { eprintln!("zero {off} {len}"); }
+                if std::env::var("QTRACE").is_ok() {
+                    eprintln!("zero {off} {len}");
+                }
                 let unmap = rng.gen_bool(0.5);
                 img.write_zeroes(off, len, unmap).unwrap();
                 model[off as usize..(off + len) as usize].fill(0);
             }
             8 => {
-                if std::env::var("QTRACE").is_ok() { eprintln!("discard {off} {len}"); }
+                if std::env::var("QTRACE").is_ok() {
+                    eprintln!("discard {off} {len}");
+                }
                 // Discards only affect whole clusters; without a backing file they read zero.
                 let a = off.div_ceil(cs) * cs;
                 let b = (off + len) / cs * cs;
@@ -63,7 +69,10 @@ fn run_model(seed: u64, opts: CreateOptions) {
             let mut got = vec![0u8; size as usize];
             img.read(&mut got, 0).unwrap();
             let first = got.iter().zip(&model).position(|(a, b)| a != b);
-            assert!(first.is_none(), "seed {seed} step {step}: contents differ at {first:?}");
+            assert!(
+                first.is_none(),
+                "seed {seed} step {step}: contents differ at {first:?}"
+            );
         }
     }
     img.flush().unwrap();
