@@ -4,11 +4,9 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use strata_image::{
-    create_image, resolve_backing_path, BackingChoice, CacheMode, Format, FormatDriver,
-};
+use strata_image::{resolve_backing_path, BackingChoice, CacheMode, Format, FormatDriver};
 
 use crate::create::{parse_create_opts, print_option_help, validate};
 use crate::error::{CliError, CliResult};
@@ -54,7 +52,7 @@ pub struct Args {
     /// Number of parallel copy workers (default 8).
     #[arg(short = 'm')]
     workers: Option<usize>,
-    /// Allow out-of-order writes (always the case here).
+    /// Allow out-of-order writes to a qcow2 target.
     #[arg(short = 'W')]
     out_of_order: bool,
     /// Accepted for compatibility (copy offloading is not used).
@@ -105,6 +103,46 @@ struct Source {
 struct Scanner {
     src: usize,
     offset: u64,
+    seq: u64,
+}
+
+/// Keeps target writes in source order (qemu-img's default without `-W`), so that a
+/// qcow2 target gets its clusters allocated in guest order; reads still overlap.
+struct Order {
+    enabled: bool,
+    next: Mutex<u64>,
+    cv: Condvar,
+    aborted: AtomicBool,
+}
+
+impl Order {
+    fn wait(&self, seq: u64) -> CliResult<Option<MutexGuard<'_, u64>>> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let mut g = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        while *g != seq {
+            if self.aborted.load(Ordering::Relaxed) {
+                return Err(CliError::msg("conversion aborted"));
+            }
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        Ok(Some(g))
+    }
+
+    fn done(&self, g: Option<MutexGuard<'_, u64>>) {
+        if let Some(mut g) = g {
+            *g += 1;
+            drop(g);
+            self.cv.notify_all();
+        }
+    }
+
+    fn abort(&self) {
+        self.aborted.store(true, Ordering::Relaxed);
+        let _g = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        self.cv.notify_all();
+    }
 }
 
 struct Job {
@@ -117,6 +155,7 @@ struct Job {
     compress: bool,
     cluster: u64,
     may_unmap: bool,
+    order: Order,
 }
 
 impl Job {
@@ -211,23 +250,34 @@ impl Job {
             .map_err(|e| Self::write_err(off, e))
     }
 
-    fn run_item(&self, it: &Item, buf: &mut Vec<u8>) -> CliResult<()> {
+    fn run_item(&self, it: &Item, seq: u64, buf: &mut Vec<u8>) -> CliResult<()> {
+        if it.kind == Kind::Data {
+            let n = it.len as usize;
+            buf.resize(n.max(buf.len()), 0);
+            self.sources[it.src]
+                .img
+                .read(&mut buf[..n], it.offset)
+                .map_err(|e| {
+                    CliError::msg(format!(
+                        "error while reading at byte {}: {e}",
+                        it.target_offset
+                    ))
+                })?;
+        }
+        let turn = self.order.wait(seq)?;
+        let res = self.write_item(it, buf);
+        if res.is_ok() {
+            self.order.done(turn);
+        }
+        res
+    }
+
+    fn write_item(&self, it: &Item, buf: &mut Vec<u8>) -> CliResult<()> {
         match it.kind {
             Kind::Skip => Ok(()),
             Kind::Zero => self.zeroes(it.target_offset, it.len, buf),
             Kind::Data => {
-                let n = it.len as usize;
-                buf.resize(n.max(buf.len()), 0);
-                let data = &mut buf[..n];
-                self.sources[it.src]
-                    .img
-                    .read(data, it.offset)
-                    .map_err(|e| {
-                        CliError::msg(format!(
-                            "error while reading at byte {}: {e}",
-                            it.target_offset
-                        ))
-                    })?;
+                let data = &buf[..it.len as usize];
                 if self.compress {
                     return self.write_compressed(it.target_offset, data);
                 }
@@ -388,8 +438,7 @@ pub fn run(args: Args) -> CliResult<i32> {
             popts.create.size = Some(total);
         }
         validate(out_format, &popts).map_err(|e| e.context(out_name))?;
-        create_image(Path::new(out_name), out_format, &popts.create)
-            .map_err(|e| CliError::msg(e.to_string()).context(out_name))?;
+        crate::image::create_file(out_name, out_format, &popts.create)?;
     }
     let target = open(
         out_name,
@@ -419,8 +468,18 @@ pub fn run(args: Args) -> CliResult<i32> {
         compress: args.compress,
         cluster,
         may_unmap: !args.no_create,
+        order: Order {
+            enabled: out_format == Format::Qcow2 && !args.out_of_order,
+            next: Mutex::new(0),
+            cv: Condvar::new(),
+            aborted: AtomicBool::new(false),
+        },
     };
-    let scanner = Mutex::new(Scanner { src: 0, offset: 0 });
+    let scanner = Mutex::new(Scanner {
+        src: 0,
+        offset: 0,
+        seq: 0,
+    });
     let progress = Mutex::new(Progress::new(args.progress && !args.quiet));
     let done = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
@@ -435,10 +494,12 @@ pub fn run(args: Args) -> CliResult<i32> {
                     }
                     let item = {
                         let mut sc = scanner.lock().unwrap_or_else(|p| p.into_inner());
-                        job.next_item(&mut sc)
+                        let seq = sc.seq;
+                        sc.seq += 1;
+                        job.next_item(&mut sc).map(|o| o.map(|it| (it, seq)))
                     };
                     let res = match item {
-                        Ok(Some(it)) => job.run_item(&it, &mut buf).map(|_| it.len),
+                        Ok(Some((it, seq))) => job.run_item(&it, seq, &mut buf).map(|_| it.len),
                         Ok(None) => return,
                         Err(e) => Err(e),
                     };
@@ -455,6 +516,8 @@ pub fn run(args: Args) -> CliResult<i32> {
                             if slot.is_none() {
                                 *slot = Some(e);
                             }
+                            drop(slot);
+                            job.order.abort();
                             return;
                         }
                     }

@@ -4,8 +4,7 @@
 use std::path::Path;
 
 use strata_image::{
-    create_image, open_image, resolve_backing_path, CreateOptions, Format, OpenOptions,
-    Preallocation,
+    open_image, resolve_backing_path, CreateOptions, Format, OpenOptions, Preallocation,
 };
 
 use crate::error::{CliError, CliResult};
@@ -401,8 +400,7 @@ pub fn run(args: Args) -> CliResult<i32> {
         println!("{}", formatting_line(&filename, format, &p, size));
     }
     validate(format, &p).map_err(|e| e.context(&filename))?;
-    create_image(Path::new(&filename), format, &p.create)
-        .map_err(|e| CliError::msg(e.to_string()).context(&filename))?;
+    crate::image::create_file(&filename, format, &p.create)?;
     Ok(0)
 }
 

@@ -5,7 +5,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use strata_image::{open_image, BackingChoice, CacheMode, Format, FormatDriver, OpenOptions};
+use strata_image::{
+    create_image, open_image, BackingChoice, CacheMode, CreateOptions, Format, FormatDriver,
+    OpenOptions,
+};
 
 use crate::error::{CliError, CliResult};
 
@@ -163,13 +166,6 @@ pub fn chain_status(
                     }
                 }
             }
-            if layer.format_name() == "raw" && offset < RAW_FIRST_BLOCK && !st.data {
-                // QEMU always reports the first block of a raw file as data.
-                let first = RAW_FIRST_BLOCK.min(size) - offset;
-                status.len = status.len.min(first);
-                status.data = true;
-                status.zero = false;
-            }
             return Ok(status);
         }
         let next = depth + 1;
@@ -204,8 +200,33 @@ fn metadata_preallocated(layer: &dyn FormatDriver) -> bool {
     len.div_ceil(cs) >= threshold
 }
 
-/// QEMU reports the first 4 KiB of a raw file as data even when it is a hole.
-const RAW_FIRST_BLOCK: u64 = 4096;
+/// Creates an image file like qemu-img: through the library, then, for raw images,
+/// with the first 4 KiB allocated (QEMU's file driver writes it so that alignment
+/// probing works, and `map` then reports it as data).
+pub fn create_file(path: &str, format: Format, opts: &CreateOptions) -> CliResult<()> {
+    create_image(Path::new(path), format, opts)
+        .map_err(|e| CliError::msg(e.to_string()).context(path))?;
+    if format == Format::Raw {
+        let size = opts.size.unwrap_or(0);
+        if size > 0 {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| CliError::msg(format!("{path}: {e}")))?;
+            let n = size.min(FIRST_BLOCK) as usize;
+            let mut head = vec![0u8; n];
+            // Keep whatever is there (preallocation=full already wrote zeroes).
+            let _ = std::os::unix::fs::FileExt::read_at(&f, &mut head, 0);
+            f.write_all_at(&head, 0)
+                .map_err(|e| CliError::msg(format!("{path}: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// The block QEMU allocates at the start of a new raw file.
+const FIRST_BLOCK: u64 = 4096;
 
 /// Whether `buf` is all zero bytes.
 pub fn is_zero(buf: &[u8]) -> bool {
