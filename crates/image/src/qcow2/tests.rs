@@ -271,3 +271,24 @@ fn concurrent_writers() {
     let r = img.check(None).unwrap();
     assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
 }
+
+#[test]
+fn large_l1_with_tiny_refcount_blocks() {
+    // 512-byte clusters with 64-bit refcounts: one refcount block covers 64 clusters,
+    // while the L1 table of a 1 GiB disk needs 512 contiguous clusters.
+    let (_mem, img) = new_image(
+        1 << 30,
+        &CreateOptions {
+            cluster_size: Some(512),
+            refcount_bits: Some(64),
+            ..Default::default()
+        },
+    );
+    img.write(&[9u8; 100_000], (1 << 30) - 100_000).unwrap();
+    img.flush().unwrap();
+    let r = img.check(None).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    let mut got = vec![0u8; 100_000];
+    img.read(&mut got, (1 << 30) - 100_000).unwrap();
+    assert!(got.iter().all(|&b| b == 9));
+}
