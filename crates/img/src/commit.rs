@@ -73,21 +73,29 @@ pub fn run(args: Args) -> CliResult<i32> {
     let base_idx = match &args.base {
         None => 1,
         Some(b) => {
-            let want = std::fs::canonicalize(b).ok();
-            names
-                .iter()
-                .enumerate()
-                .skip(1)
-                .find(|(_, (n, _))| {
-                    n == b || (want.is_some() && std::fs::canonicalize(n).ok() == want)
-                })
-                .map(|(i, _)| i)
-                .ok_or_else(|| {
-                    CliError::msg(format!(
-                        "Did not find '{b}' in the backing chain of '{}'",
-                        args.filename
-                    ))
-                })?
+            // As QEMU: the name as stored in the image that refers to it, or the same
+            // file once the name is resolved relative to that image's directory.
+            let mut found = None;
+            for i in 1..names.len() {
+                let stored = chain[i - 1]
+                    .info()
+                    .ok()
+                    .and_then(|inf| inf.backing_filename);
+                let want =
+                    std::fs::canonicalize(resolve_backing_path(Path::new(&names[i - 1].0), b)).ok();
+                if stored.as_deref() == Some(b.as_str())
+                    || (want.is_some() && std::fs::canonicalize(&names[i].0).ok() == want)
+                {
+                    found = Some(i);
+                    break;
+                }
+            }
+            found.ok_or_else(|| {
+                CliError::msg(format!(
+                    "Did not find '{b}' in the backing chain of '{}'",
+                    args.filename
+                ))
+            })?
         }
     };
     let drop_top = args.drop || args.base.is_some();

@@ -49,14 +49,20 @@ struct Side {
 }
 
 impl Side {
-    fn status(&self, offset: u64, len: u64) -> CliResult<(u64, bool, bool)> {
+    fn status(&self, offset: u64, len: u64) -> CliResult<(u64, bool, bool, u8)> {
         let st = chain_status(&self.chain, self.chain.len(), offset, len).map_err(|e| {
             CliError::code(
                 format!("Sector allocation test failed for {}: {}", self.name, e),
                 3,
             )
         })?;
-        Ok((st.len, st.present, st.zero))
+        // The flags qemu-img's strict mode compares.
+        let flags = u8::from(st.present)
+            | u8::from(st.zero) << 1
+            | u8::from(st.data) << 2
+            | u8::from(st.compressed) << 3
+            | u8::from(st.offset.is_some()) << 4;
+        Ok((st.len, st.present, st.zero, flags))
     }
 
     fn read(&self, buf: &mut [u8], offset: u64) -> CliResult<()> {
@@ -112,10 +118,10 @@ pub fn run(args: Args) -> CliResult<i32> {
     let mut buf2 = vec![0u8; IO_BUF_SIZE as usize];
     let mut offset = 0u64;
     while offset < total {
-        let (n1, alloc1, zero1) = a.status(offset, size1 - offset)?;
-        let (n2, alloc2, zero2) = b.status(offset, size2 - offset)?;
+        let (n1, alloc1, zero1, flags1) = a.status(offset, size1 - offset)?;
+        let (n2, alloc2, zero2, flags2) = b.status(offset, size2 - offset)?;
         let mut chunk = n1.min(n2).min(total - offset);
-        if args.strict && (alloc1, zero1) != (alloc2, zero2) {
+        if args.strict && flags1 != flags2 {
             say(&format!(
                 "Strict mode: Offset {offset} block status mismatch!"
             ));
@@ -160,7 +166,7 @@ pub fn run(args: Args) -> CliResult<i32> {
         let over_size = size1.max(size2);
         let mut offset = total;
         while offset < over_size {
-            let (n, alloc, zero) = over.status(offset, over_size - offset)?;
+            let (n, alloc, zero, _) = over.status(offset, over_size - offset)?;
             let mut chunk = n;
             if alloc && !zero {
                 chunk = chunk.min(IO_BUF_SIZE);

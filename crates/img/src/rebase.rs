@@ -71,7 +71,12 @@ pub fn run(args: Args) -> CliResult<i32> {
     let new_name = args
         .backing
         .clone()
-        .ok_or_else(|| CliError::msg("Must specify backing file (-b)"))?;
+        .ok_or_else(|| CliError::msg("Must specify backing file (-b) or use unsafe mode (-u)"))?;
+    if !new_name.is_empty() && args.backing_fmt.is_none() {
+        return Err(CliError::msg(format!(
+            "Could not change the backing file to '{new_name}': backing format must be specified"
+        )));
+    }
     let cache = parse_cache(args.cache.as_deref(), Default::default())?;
     let bcache = parse_cache(args.src_cache.as_deref(), Default::default())?;
     let img = open(
@@ -93,10 +98,14 @@ pub fn run(args: Args) -> CliResult<i32> {
     let new_backing = if removing || (args.unsafe_mode && new_fmt.is_some()) {
         None
     } else {
-        let opened = open(
-            &new_path.display().to_string(),
-            &OpenArgs {
-                format: new_fmt.as_deref(),
+        let opened = strata_image::open_image(
+            &new_path,
+            &strata_image::OpenOptions {
+                format: new_fmt
+                    .as_deref()
+                    .map(strata_image::Format::parse)
+                    .transpose()?,
+                read_only: true,
                 cache: bcache,
                 ..Default::default()
             },
@@ -110,8 +119,7 @@ pub fn run(args: Args) -> CliResult<i32> {
             }
             Err(e) if !args.unsafe_mode => {
                 return Err(CliError::msg(format!(
-                    "Could not open new backing file '{}': {e}",
-                    new_path.display()
+                    "Could not open new backing file '{new_name}': {e}"
                 )))
             }
             Err(_) => None,
