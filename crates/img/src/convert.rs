@@ -51,7 +51,7 @@ pub struct Args {
     backing_fmt: Option<String>,
     /// Number of parallel copy workers (default 8).
     #[arg(short = 'm')]
-    workers: Option<usize>,
+    workers: Option<String>,
     /// Allow out-of-order writes to a qcow2 target.
     #[arg(short = 'W')]
     out_of_order: bool,
@@ -391,12 +391,17 @@ pub fn run(args: Args) -> CliResult<i32> {
     }
     let target_cache = parse_cache(args.cache.as_deref(), CacheMode::Unsafe)?;
     let src_cache = parse_cache(args.src_cache.as_deref(), CacheMode::Writeback)?;
-    let workers = args.workers.unwrap_or(8);
-    if !(1..=16).contains(&workers) {
-        return Err(CliError::msg(
-            "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16",
-        ));
-    }
+    let workers = match args.workers.as_deref() {
+        None => 8,
+        Some(m) => match m.parse::<usize>() {
+            Ok(n) if (1..=16).contains(&n) => n,
+            _ => {
+                return Err(CliError::msg(
+                    "Invalid number of coroutines specified. Must be between 1 and 16.",
+                ))
+            }
+        },
+    };
 
     let mut sources = Vec::new();
     let mut total = 0u64;
@@ -426,6 +431,11 @@ pub fn run(args: Args) -> CliResult<i32> {
         popts.create.backing_fmt = Some(f.clone());
     }
     let has_backing = popts.create.backing_file.is_some();
+    if has_backing && popts.create.backing_fmt.is_none() && !args.no_create {
+        return Err(CliError::msg(
+            "Use of backing file requires explicit backing format",
+        ));
+    }
     if has_backing && popts.create.backing_fmt.is_none() {
         // Probe the backing file's format.
         let b = popts.create.backing_file.clone().unwrap_or_default();
@@ -460,7 +470,7 @@ pub fn run(args: Args) -> CliResult<i32> {
     let job = Job {
         sources,
         target: target.clone(),
-        limit_top_only: args.backing.is_some(),
+        limit_top_only: has_backing,
         has_zero_init: !args.no_create
             && !has_backing
             && popts.create.preallocation == strata_image::Preallocation::Off,
