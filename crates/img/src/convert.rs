@@ -52,7 +52,7 @@ pub struct Args {
     /// Number of parallel copy workers (default 8).
     #[arg(short = 'm')]
     workers: Option<String>,
-    /// Allow out-of-order writes to a qcow2 target.
+    /// Allow out-of-order writes to the target.
     #[arg(short = 'W')]
     out_of_order: bool,
     /// Accepted for compatibility (copy offloading is not used).
@@ -479,7 +479,7 @@ pub fn run(args: Args) -> CliResult<i32> {
         cluster,
         may_unmap: !args.no_create,
         order: Order {
-            enabled: out_format == Format::Qcow2 && !args.out_of_order,
+            enabled: !args.out_of_order,
             next: Mutex::new(0),
             cv: Condvar::new(),
             aborted: AtomicBool::new(false),
