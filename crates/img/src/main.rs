@@ -98,10 +98,51 @@ fn run(cli: Cli) -> CliResult<i32> {
     }
 }
 
+/// Turns a command-line parsing error into qemu-img's one-line wording.
 fn clap_error_line(e: &clap::Error) -> String {
-    let rendered = e.render().to_string();
-    let first = rendered.lines().next().unwrap_or("invalid arguments");
-    first.strip_prefix("error: ").unwrap_or(first).to_string()
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let sub = std::env::args().nth(1).unwrap_or_default();
+    let arg = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => s.clone(),
+        _ => String::new(),
+    };
+    let missing = || {
+        match sub.as_str() {
+            "compare" => "Expecting two image file names",
+            "create" => "Expecting image file name",
+            "convert" => "Must specify image file name",
+            "resize" => "Expecting image file name and size",
+            _ => "Expecting one image file name",
+        }
+        .to_string()
+    };
+    match e.kind() {
+        ErrorKind::InvalidSubcommand => format!("Command not found: {sub}"),
+        ErrorKind::MissingSubcommand | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            "Not enough arguments".into()
+        }
+        ErrorKind::MissingRequiredArgument => missing(),
+        ErrorKind::UnknownArgument if arg.starts_with("--") => {
+            let name = arg.split('=').next().unwrap_or(&arg);
+            format!("{sub}: unrecognized option '{name}'")
+        }
+        ErrorKind::UnknownArgument if arg.starts_with('-') && arg.len() > 1 => {
+            format!("{sub}: invalid option -- '{}'", &arg[1..2])
+        }
+        ErrorKind::UnknownArgument => missing(),
+        ErrorKind::InvalidValue | ErrorKind::NoEquals if arg.starts_with("--") => {
+            let name = arg.split([' ', '=']).next().unwrap_or(&arg);
+            format!("{sub}: option '{name}' requires an argument")
+        }
+        ErrorKind::InvalidValue if arg.starts_with('-') && arg.len() > 1 => {
+            format!("{sub}: option requires an argument -- '{}'", &arg[1..2])
+        }
+        _ => {
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            first.strip_prefix("error: ").unwrap_or(first).to_string()
+        }
+    }
 }
 
 fn main() {
@@ -119,6 +160,10 @@ fn main() {
             .unwrap_or_else(|| "internal error".into());
         eprintln!("strata-img: internal error: {msg}");
     }));
+    if std::env::args().len() < 2 {
+        eprintln!("strata-img: Not enough arguments");
+        std::process::exit(1);
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => match e.kind() {
@@ -129,7 +174,22 @@ fn main() {
                 std::process::exit(0);
             }
             _ => {
-                eprintln!("strata-img: {}", clap_error_line(&e));
+                let line = clap_error_line(&e);
+                // Option errors name the subcommand ("strata-img info: ..."), like getopt.
+                eprintln!(
+                    "strata-img{}{}",
+                    if line.contains(": ")
+                        && !line.starts_with("Command")
+                        && std::env::args()
+                            .nth(1)
+                            .is_some_and(|s| line.starts_with(&format!("{s}: ")))
+                    {
+                        " "
+                    } else {
+                        ": "
+                    },
+                    line
+                );
                 std::process::exit(1);
             }
         },

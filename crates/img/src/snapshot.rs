@@ -43,9 +43,8 @@ pub fn run(args: Args) -> CliResult<i32> {
             "Creating, applying and deleting snapshots is not supported by strata-img yet",
         ));
     }
-    if !args.list {
-        return Err(CliError::msg("Expecting one of -l, -c, -a or -d"));
-    }
+    // Listing is also what qemu-img does when no action is given.
+    let _ = args.list;
     let img = open(
         &args.filename,
         &OpenArgs {
