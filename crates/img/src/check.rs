@@ -116,7 +116,8 @@ pub fn run(args: Args) -> CliResult<i32> {
             format: args.format.as_deref(),
             writable: repair.is_some(),
             cache,
-            backing: BackingChoice::None,
+            // qemu-img opens the backing chain too (and fails when it is missing).
+            backing: BackingChoice::FromImage,
         },
     )?;
     let first = match img.check(repair) {

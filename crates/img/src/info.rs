@@ -71,10 +71,17 @@ pub fn node_info(img: &Arc<dyn FormatDriver>, filename: &str) -> CliResult<NodeI
             .display()
             .to_string()
     });
+    // QEMU measures files in 512-byte sectors, rounding up.
+    let round = |v: u64| v.div_ceil(512) * 512;
+    let virtual_size = if info.format == "raw" {
+        round(info.virtual_size)
+    } else {
+        info.virtual_size
+    };
     Ok(NodeInfo {
         filename: filename.to_string(),
         format: info.format.clone(),
-        virtual_size: info.virtual_size,
+        virtual_size,
         actual_size: storage.allocated_size().ok(),
         cluster_size: info.cluster_size,
         dirty_flag: info.dirty_flag.unwrap_or(false),
@@ -83,7 +90,7 @@ pub fn node_info(img: &Arc<dyn FormatDriver>, filename: &str) -> CliResult<NodeI
         backing_format: info.backing_format.clone(),
         snapshots: img.snapshots().unwrap_or_default(),
         specific: info.format_specific.clone(),
-        file_length: storage.size().unwrap_or(0),
+        file_length: round(storage.size().unwrap_or(0)),
     })
 }
 
@@ -326,34 +333,49 @@ pub fn node_human(n: &NodeInfo) -> String {
 pub fn run(args: Args) -> CliResult<i32> {
     let _ = args.force_share;
     let output = OutputFormat::parse(&args.output)?;
-    let backing = if args.backing_chain {
-        BackingChoice::FromImage
-    } else {
-        BackingChoice::None
-    };
     let img = open(
         &args.filename,
         &OpenArgs {
             format: args.format.as_deref(),
-            backing,
+            backing: BackingChoice::None,
             ..Default::default()
         },
     )?;
     let mut nodes = vec![node_info(&img, &args.filename)?];
     if args.backing_chain {
-        let mut cur = img.clone();
-        while let Some(b) = cur.backing() {
-            let name = nodes
-                .last()
-                .and_then(|n| n.full_backing_filename.clone())
-                .unwrap_or_else(|| b.storage().name());
-            nodes.push(node_info(&b, &name)?);
-            cur = b;
+        // Like qemu-img, open each backing file on its own, by the name and format
+        // its parent stores.
+        let mut seen = std::collections::HashSet::new();
+        if let Ok(c) = std::fs::canonicalize(&args.filename) {
+            seen.insert(c);
         }
-    } else if img.backing().is_some() {
-        return Err(CliError::msg(
-            "internal error: backing file opened for info",
-        ));
+        while let Some(parent) = nodes.last() {
+            let Some(name) = parent.full_backing_filename.clone() else {
+                break;
+            };
+            if let Ok(c) = std::fs::canonicalize(&name) {
+                if !seen.insert(c) {
+                    return Err(CliError::msg(format!(
+                        "Backing file '{name}' creates an infinite loop."
+                    )));
+                }
+            }
+            if nodes.len() > strata_image::MAX_BACKING_DEPTH {
+                return Err(CliError::msg(format!(
+                    "Backing file '{name}' creates an infinite loop."
+                )));
+            }
+            let fmt = parent.backing_format.clone();
+            let b = open(
+                &name,
+                &OpenArgs {
+                    format: fmt.as_deref(),
+                    backing: BackingChoice::None,
+                    ..Default::default()
+                },
+            )?;
+            nodes.push(node_info(&b, &name)?);
+        }
     }
     match output {
         OutputFormat::Human => {
