@@ -58,6 +58,9 @@ pub struct Args {
     /// Accepted for compatibility (copy offloading is not used).
     #[arg(short = 'C')]
     copy_offload: bool,
+    /// The existing target (with -n) already reads as zeroes.
+    #[arg(long = "target-is-zero")]
+    target_is_zero: bool,
     /// Quiet.
     #[arg(short = 'q')]
     quiet: bool,
@@ -384,6 +387,9 @@ pub fn run(args: Args) -> CliResult<i32> {
             }
         },
     };
+    if args.target_is_zero && !args.no_create {
+        return Err(CliError::msg("--target-is-zero requires use of -n flag"));
+    }
     if args.compress && out_format != Format::Qcow2 {
         return Err(CliError::msg(
             "Compression not supported for this file format",
@@ -471,9 +477,10 @@ pub fn run(args: Args) -> CliResult<i32> {
         sources,
         target: target.clone(),
         limit_top_only: has_backing,
-        has_zero_init: !args.no_create
-            && !has_backing
-            && popts.create.preallocation == strata_image::Preallocation::Off,
+        has_zero_init: (args.target_is_zero && !has_backing)
+            || !args.no_create
+                && !has_backing
+                && popts.create.preallocation == strata_image::Preallocation::Off,
         min_sparse,
         compress: args.compress,
         cluster,

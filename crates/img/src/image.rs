@@ -169,6 +169,18 @@ pub fn chain_status(
             return Ok(status);
         }
         let next = depth + 1;
+        if next < chain.len() && offset >= chain[next].size() {
+            // Beyond the end of the backing file: QEMU decides "zero" in this layer.
+            return Ok(ChainStatus {
+                len,
+                depth,
+                present: false,
+                zero: true,
+                data: false,
+                compressed: false,
+                offset: None,
+            });
+        }
         if next >= limit || next >= chain.len() {
             return Ok(ChainStatus {
                 len,
