@@ -98,7 +98,8 @@ fn run(cli: Cli) -> CliResult<i32> {
     }
 }
 
-/// Turns a command-line parsing error into qemu-img's one-line wording.
+/// Turns a command-line parsing error into qemu-img's one-line wording, prefixed with
+/// "strata-img: " (or "strata-img <subcommand>: " for option errors, as getopt does).
 fn clap_error_line(e: &clap::Error) -> String {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
     let sub = std::env::args().nth(1).unwrap_or_default();
@@ -117,30 +118,36 @@ fn clap_error_line(e: &clap::Error) -> String {
         .to_string()
     };
     match e.kind() {
-        ErrorKind::InvalidSubcommand => format!("Command not found: {sub}"),
+        ErrorKind::InvalidSubcommand => format!("strata-img: Command not found: {sub}"),
         ErrorKind::MissingSubcommand | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            "Not enough arguments".into()
+            "strata-img: Not enough arguments".into()
         }
-        ErrorKind::MissingRequiredArgument => missing(),
+        ErrorKind::MissingRequiredArgument => format!("strata-img: {}", missing()),
         ErrorKind::UnknownArgument if arg.starts_with("--") => {
             let name = arg.split('=').next().unwrap_or(&arg);
-            format!("{sub}: unrecognized option '{name}'")
+            format!("strata-img {sub}: unrecognized option '{name}'")
         }
         ErrorKind::UnknownArgument if arg.starts_with('-') && arg.len() > 1 => {
-            format!("{sub}: invalid option -- '{}'", &arg[1..2])
+            format!("strata-img {sub}: invalid option -- '{}'", &arg[1..2])
         }
-        ErrorKind::UnknownArgument => missing(),
+        ErrorKind::UnknownArgument => format!("strata-img: {}", missing()),
         ErrorKind::InvalidValue | ErrorKind::NoEquals if arg.starts_with("--") => {
             let name = arg.split([' ', '=']).next().unwrap_or(&arg);
-            format!("{sub}: option '{name}' requires an argument")
+            format!("strata-img {sub}: option '{name}' requires an argument")
         }
         ErrorKind::InvalidValue if arg.starts_with('-') && arg.len() > 1 => {
-            format!("{sub}: option requires an argument -- '{}'", &arg[1..2])
+            format!(
+                "strata-img {sub}: option requires an argument -- '{}'",
+                &arg[1..2]
+            )
         }
         _ => {
             let rendered = e.render().to_string();
             let first = rendered.lines().next().unwrap_or("invalid arguments");
-            first.strip_prefix("error: ").unwrap_or(first).to_string()
+            format!(
+                "strata-img: {}",
+                first.strip_prefix("error: ").unwrap_or(first)
+            )
         }
     }
 }
@@ -174,22 +181,7 @@ fn main() {
                 std::process::exit(0);
             }
             _ => {
-                let line = clap_error_line(&e);
-                // Option errors name the subcommand ("strata-img info: ..."), like getopt.
-                eprintln!(
-                    "strata-img{}{}",
-                    if line.contains(": ")
-                        && !line.starts_with("Command")
-                        && std::env::args()
-                            .nth(1)
-                            .is_some_and(|s| line.starts_with(&format!("{s}: ")))
-                    {
-                        " "
-                    } else {
-                        ": "
-                    },
-                    line
-                );
+                eprintln!("{}", clap_error_line(&e));
                 std::process::exit(1);
             }
         },
