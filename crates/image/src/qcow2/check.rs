@@ -17,7 +17,7 @@ use super::refcount;
 use super::Qcow2;
 
 /// The largest image file `check` handles, in clusters (bounds its memory).
-const MAX_CHECK_CLUSTERS: u64 = 1 << 31;
+const MAX_CHECK_CLUSTERS: u64 = 1 << 28;
 
 /// Computed reference counts plus what the walk found.
 struct Walk {
