@@ -128,7 +128,10 @@ fn clap_error_line(e: &clap::Error) -> String {
             format!("strata-img {sub}: unrecognized option '{name}'")
         }
         ErrorKind::UnknownArgument if arg.starts_with('-') && arg.len() > 1 => {
-            format!("strata-img {sub}: invalid option -- '{}'", &arg[1..2])
+            format!(
+                "strata-img {sub}: invalid option -- '{}'",
+                arg.chars().nth(1).unwrap_or('?')
+            )
         }
         ErrorKind::UnknownArgument => format!("strata-img: {}", missing()),
         ErrorKind::InvalidValue | ErrorKind::NoEquals if arg.starts_with("--") => {
@@ -138,7 +141,7 @@ fn clap_error_line(e: &clap::Error) -> String {
         ErrorKind::InvalidValue if arg.starts_with('-') && arg.len() > 1 => {
             format!(
                 "strata-img {sub}: option requires an argument -- '{}'",
-                &arg[1..2]
+                arg.chars().nth(1).unwrap_or('?')
             )
         }
         _ => {
