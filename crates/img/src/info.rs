@@ -125,9 +125,26 @@ pub fn specific_fields(spec: &FormatSpecific) -> (&'static str, Json) {
                     .field("lazy-refcounts", q.lazy_refcounts)
                     .field("corrupt", q.corrupt);
             }
-            b = b
-                .field("refcount-bits", q.refcount_bits)
-                .field("compression-type", q.compression_type.as_str());
+            b = b.field("refcount-bits", q.refcount_bits);
+            if let Some(bitmaps) = q.bitmaps.as_ref().filter(|v| !v.is_empty()) {
+                let list = bitmaps
+                    .iter()
+                    .map(|bm| {
+                        ObjBuilder::new()
+                            .field("name", bm.name.as_str())
+                            .field("granularity", bm.granularity)
+                            .field(
+                                "flags",
+                                Json::List(
+                                    bm.flags.iter().map(|f| Json::from(f.as_str())).collect(),
+                                ),
+                            )
+                            .build()
+                    })
+                    .collect();
+                b = b.field("bitmaps", Json::List(list));
+            }
+            b = b.field("compression-type", q.compression_type.as_str());
             ("qcow2", b.build())
         }
     }
@@ -419,6 +436,7 @@ mod tests {
                 extended_l2: false,
                 data_file: None,
                 data_file_raw: None,
+                bitmaps: None,
             })),
             file_length: 458752,
         }
