@@ -520,4 +520,45 @@ Child node '/file':
             "ID      TAG               VM_SIZE                DATE        VM_CLOCK     ICOUNT"
         );
     }
+
+    #[test]
+    fn bitmaps_human_matches_qemu_img_info() {
+        let mut n = sample();
+        if let Some(FormatSpecific::Qcow2(q)) = n.specific.as_mut() {
+            q.bitmaps = Some(vec![
+                strata_image::BitmapInfo {
+                    name: "bm0".into(),
+                    granularity: 65536,
+                    flags: vec!["auto".into()],
+                },
+                strata_image::BitmapInfo {
+                    name: "other".into(),
+                    granularity: 131072,
+                    flags: vec![],
+                },
+            ]);
+        }
+        let expected = "Format specific information:
+    compat: 1.1
+    compression type: zlib
+    lazy refcounts: false
+    bitmaps:
+        [0]:
+            flags:
+                [0]: auto
+            name: bm0
+            granularity: 65536
+        [1]:
+            flags:
+            name: other
+            granularity: 131072
+    refcount bits: 16
+    corrupt: false
+    extended l2: false
+Child node";
+        let text = node_human(&n);
+        let start = text.find("Format specific").unwrap();
+        let end = text.find("Child node").unwrap() + "Child node".len();
+        assert_eq!(&text[start..end], expected);
+    }
 }
