@@ -157,12 +157,13 @@ pub fn check(path: &Path) -> Out {
     img(&["check", "-f", "qcow2", super::s(path)])
 }
 
-/// `qemu-img compare -f qcow2 -F raw <image> <raw>`, which must say the disks are identical.
-pub fn compare_with_raw(image: &Path, raw: &Path) {
+/// `qemu-img compare -f <format> -F raw <image> <raw>`, which must say the disks are
+/// identical.
+pub fn compare_with_raw(image: &Path, format: &str, raw: &Path) {
     let out = img(&[
         "compare",
         "-f",
-        "qcow2",
+        format,
         "-F",
         "raw",
         super::s(image),
