@@ -218,3 +218,20 @@ pub fn file_len(path: &Path) -> u64 {
 pub fn s(path: &Path) -> &str {
     path.to_str().expect("non-UTF-8 temporary path")
 }
+
+/// Size of one crash-test record: the unit the crash writer writes and the checker reads.
+pub const RECORD: u64 = 512;
+/// Magic at the start of every crash-test record.
+pub const RECORD_MAGIC: &[u8; 8] = b"STRATAcw";
+
+/// The 512 bytes the crash writer puts at disk offset `offset` for its write number `seq`:
+/// magic, sequence number, offset, then filler derived from both. A sector that holds
+/// anything else was torn, misplaced or lost.
+pub fn crash_record(seq: u64, offset: u64) -> Vec<u8> {
+    let mut r = Vec::with_capacity(RECORD as usize);
+    r.extend_from_slice(RECORD_MAGIC);
+    r.extend_from_slice(&seq.to_le_bytes());
+    r.extend_from_slice(&offset.to_le_bytes());
+    r.extend_from_slice(&pattern(seq, offset + 24, RECORD as usize - 24));
+    r
+}
