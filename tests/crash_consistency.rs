@@ -25,8 +25,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use strata_image::{create_image, open_image, CreateOptions, Format, OpenOptions};
 use strata_tests::{
-    crash_record, qcow2, qemu, read_all, require_qemu, s, seed, tempdir, MIB, RECORD,
-    RECORD_MAGIC,
+    crash_record, qcow2, qemu, read_all, require_qemu, s, seed, tempdir, MIB, RECORD, RECORD_MAGIC,
 };
 
 /// What the log says happened, per sector.

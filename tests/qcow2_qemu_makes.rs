@@ -147,7 +147,12 @@ fn v3_cluster_2m() {
 
 #[test]
 fn v2_cluster_512() {
-    plain("v2_cluster_512", "compat=0.10,cluster_size=512", 512, 8 * MIB);
+    plain(
+        "v2_cluster_512",
+        "compat=0.10,cluster_size=512",
+        512,
+        8 * MIB,
+    );
 }
 
 #[test]
@@ -157,12 +162,22 @@ fn v2_cluster_64k() {
 
 #[test]
 fn v2_cluster_2m() {
-    plain("v2_cluster_2m", "compat=0.10,cluster_size=2M", 2 * MIB, 64 * MIB);
+    plain(
+        "v2_cluster_2m",
+        "compat=0.10,cluster_size=2M",
+        2 * MIB,
+        64 * MIB,
+    );
 }
 
 #[test]
 fn refcount_bits_1() {
-    plain("refcount_bits_1", "refcount_bits=1,cluster_size=4096", 4096, 16 * MIB);
+    plain(
+        "refcount_bits_1",
+        "refcount_bits=1,cluster_size=4096",
+        4096,
+        16 * MIB,
+    );
 }
 
 #[test]
@@ -271,7 +286,16 @@ fn compressed(name: &str, opts: &str, cs: u64, size: u64) {
     mixed_raw(&src, cs, size);
     let dst = dir.path().join("c.qcow2");
     qemu::img(&[
-        "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", opts, s(&src), s(&dst),
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        opts,
+        s(&src),
+        s(&dst),
     ])
     .ok();
     let map = qemu::img(&["map", "--output=json", s(&dst)]).ok();
@@ -299,22 +323,12 @@ fn compressed(name: &str, opts: &str, cs: u64, size: u64) {
 
 #[test]
 fn compressed_zlib() {
-    compressed(
-        "compressed_zlib",
-        "compression_type=zlib",
-        65536,
-        8 * MIB,
-    );
+    compressed("compressed_zlib", "compression_type=zlib", 65536, 8 * MIB);
 }
 
 #[test]
 fn compressed_zstd() {
-    compressed(
-        "compressed_zstd",
-        "compression_type=zstd",
-        65536,
-        8 * MIB,
-    );
+    compressed("compressed_zstd", "compression_type=zstd", 65536, 8 * MIB);
 }
 
 #[test]
@@ -443,7 +457,11 @@ fn backing_chain_three_deep() {
     qemu::io(
         "raw",
         &base,
-        &["write -P 0xa1 0 16M", "write -P 0xa2 3M 1M", "write -z 8M 64k"],
+        &[
+            "write -P 0xa1 0 16M",
+            "write -P 0xa2 3M 1M",
+            "write -z 8M 64k",
+        ],
     );
     let mid = make(
         dir.path(),
@@ -495,7 +513,10 @@ fn backing_chain_v2_middle() {
         "top.qcow2",
         "backing_file=mid.qcow2,backing_fmt=qcow2,cluster_size=512",
         size,
-        &["write -P 0xc1 1000 100000".to_string(), "discard 1M 1M".to_string()],
+        &[
+            "write -P 0xc1 1000 100000".to_string(),
+            "discard 1M 1M".to_string(),
+        ],
     );
     verify("backing_chain_v2_middle middle", &mid);
     verify("backing_chain_v2_middle", &top);
@@ -511,7 +532,10 @@ fn backing_shorter_than_overlay() {
         "base.qcow2",
         "",
         3 * MIB + 512,
-        &["write -P 0x5a 0 3145728".to_string(), "write -P 0x5b 3145728 512".to_string()],
+        &[
+            "write -P 0x5a 0 3145728".to_string(),
+            "write -P 0x5b 3145728 512".to_string(),
+        ],
     );
     let top = make(
         dir.path(),
@@ -542,7 +566,11 @@ fn snapshots(name: &str, opts: &str) {
         ],
     );
     qemu::img(&["snapshot", "-c", "second", s(&p)]).ok();
-    qemu::io("qcow2", &p, &["write -P 0xd3 50000 300000", "discard 0 64k"]);
+    qemu::io(
+        "qcow2",
+        &p,
+        &["write -P 0xd3 50000 300000", "discard 0 64k"],
+    );
     let list = qemu::img(&["snapshot", "-l", s(&p)]).ok();
     assert!(list.stdout.contains("second"), "{}", list.stdout);
     verify(name, &p);
