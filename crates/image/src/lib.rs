@@ -289,13 +289,13 @@ pub fn create_image(path: &Path, format: Format, opts: &CreateOptions) -> Result
         .map_err(|e| Error::invalid(format!("Could not open backing image: {e}")))?;
         opts.backing_fmt = Some(backing.format_name().to_string());
     }
-    let storage = FileStorage::create(path, CacheMode::Writeback)?;
-    create_on(&storage, format, &opts)?;
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::create(path, CacheMode::Writeback)?);
+    create_on(storage.clone(), format, &opts)?;
     storage.flush()
 }
 
 /// Writes a new, empty image of `format` onto `storage`.
-pub fn create_on(storage: &dyn Storage, format: Format, opts: &CreateOptions) -> Result<()> {
+pub fn create_on(storage: Arc<dyn Storage>, format: Format, opts: &CreateOptions) -> Result<()> {
     let size = opts
         .size
         .ok_or_else(|| Error::invalid("Image creation needs a size parameter"))?;
@@ -304,7 +304,7 @@ pub fn create_on(storage: &dyn Storage, format: Format, opts: &CreateOptions) ->
             if opts.backing_file.is_some() {
                 return Err(Error::unsupported("'raw' does not support backing files"));
             }
-            raw::Raw::create(storage, size, opts.preallocation)
+            raw::Raw::create(storage.as_ref(), size, opts.preallocation)
         }
         Format::Qcow2 => qcow2::create(storage, size, opts),
     }

@@ -1,0 +1,294 @@
+//! Unit tests of the qcow2 driver over in-memory storage: random operations checked
+//! against a flat model, and the consistency check after each sequence.
+
+use std::sync::Arc;
+
+use rand::{Rng, SeedableRng};
+
+use crate::driver::{FormatDriver, RepairMode};
+use crate::storage::{MemStorage, Storage};
+use crate::{create_on, open_on, CreateOptions, Format};
+
+fn new_image(size: u64, opts: &CreateOptions) -> (Arc<MemStorage>, Arc<dyn FormatDriver>) {
+    let mem = Arc::new(MemStorage::new(Vec::new(), 1 << 30));
+    let o = CreateOptions {
+        size: Some(size),
+        ..opts.clone()
+    };
+    create_on(mem.clone(), Format::Qcow2, &o).unwrap();
+    let img = open_on(mem.clone(), Format::Qcow2, false, None).unwrap();
+    (mem, img)
+}
+
+fn run_model(seed: u64, opts: CreateOptions) {
+    let size = 4 << 20;
+    let (mem, img) = new_image(size, &opts);
+    let mut model = vec![0u8; size as usize];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let cs = opts.cluster_size.unwrap_or(65536);
+    for step in 0..300 {
+        let len = if rng.gen_bool(0.5) {
+            rng.gen_range(1..3 * cs)
+        } else {
+            rng.gen_range(1..4096)
+        };
+        let off = rng.gen_range(0..size - len);
+        match rng.gen_range(0..10) {
+            0..=5 => {
+                if std::env::var("QTRACE").is_ok() {
+                    eprintln!("write {off} {len}");
+                }
+                let byte = (step % 250 + 1) as u8;
+                let buf = vec![byte; len as usize];
+                img.write(&buf, off).unwrap();
+                model[off as usize..(off + len) as usize].fill(byte);
+            }
+            6 | 7 => {
+                if std::env::var("QTRACE").is_ok() {
+                    eprintln!("zero {off} {len}");
+                }
+                let unmap = rng.gen_bool(0.5);
+                img.write_zeroes(off, len, unmap).unwrap();
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            8 => {
+                if std::env::var("QTRACE").is_ok() {
+                    eprintln!("discard {off} {len}");
+                }
+                // Discards only affect whole clusters; without a backing file they read zero.
+                let a = off.div_ceil(cs) * cs;
+                let b = (off + len) / cs * cs;
+                img.discard(off, len).unwrap();
+                if a < b {
+                    model[a as usize..b as usize].fill(0);
+                }
+            }
+            _ => img.flush().unwrap(),
+        }
+        if step % 50 == 0 || std::env::var("QTRACE").is_ok() {
+            let mut got = vec![0u8; size as usize];
+            img.read(&mut got, 0).unwrap();
+            let first = got.iter().zip(&model).position(|(a, b)| a != b);
+            assert!(
+                first.is_none(),
+                "seed {seed} step {step}: contents differ at {first:?}"
+            );
+        }
+    }
+    img.flush().unwrap();
+    let report = img.check(None).unwrap();
+    assert_eq!(report.corruptions, 0, "{:?}", report.messages);
+    assert_eq!(report.leaks, 0, "{:?}", report.messages);
+    drop(img);
+    let img = open_on(mem, Format::Qcow2, true, None).unwrap();
+    let mut got = vec![0u8; size as usize];
+    img.read(&mut got, 0).unwrap();
+    assert!(got == model, "seed {seed}: contents differ after reopen");
+}
+
+#[test]
+fn random_ops_default() {
+    run_model(1, CreateOptions::default());
+}
+
+#[test]
+fn random_ops_small_clusters_v2() {
+    run_model(
+        2,
+        CreateOptions {
+            cluster_size: Some(512),
+            compat: Some("0.10".into()),
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn random_ops_extended_l2() {
+    run_model(
+        3,
+        CreateOptions {
+            cluster_size: Some(32768),
+            extended_l2: true,
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn random_ops_refcount_widths() {
+    for (i, bits) in [1u32, 2, 8, 64].into_iter().enumerate() {
+        run_model(
+            10 + i as u64,
+            CreateOptions {
+                cluster_size: Some(4096),
+                refcount_bits: Some(bits),
+                ..Default::default()
+            },
+        );
+    }
+}
+
+#[test]
+fn compressed_round_trip() {
+    for ct in ["zlib", "zstd"] {
+        let (_mem, img) = new_image(
+            1 << 20,
+            &CreateOptions {
+                compression_type: Some(ct.into()),
+                ..Default::default()
+            },
+        );
+        let data: Vec<u8> = (0..65536u32).map(|i| (i / 100) as u8).collect();
+        img.write_compressed(&data, 65536).unwrap();
+        img.write_compressed(&data, 3 * 65536).unwrap();
+        let mut got = vec![0u8; 65536];
+        img.read(&mut got, 65536).unwrap();
+        assert_eq!(got, data);
+        assert!(img.block_status(65536, 65536).unwrap().compressed);
+        // Overwrite part of a compressed cluster: copy-on-write decompresses it.
+        img.write(&[7u8; 100], 3 * 65536 + 10).unwrap();
+        img.read(&mut got, 3 * 65536).unwrap();
+        assert_eq!(&got[10..110], &[7u8; 100][..]);
+        assert_eq!(&got[110..], &data[110..]);
+        img.flush().unwrap();
+        let r = img.check(None).unwrap();
+        assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    }
+}
+
+#[test]
+fn backing_reads_and_cow() {
+    let base_mem = Arc::new(MemStorage::new(vec![0x5a; 1 << 20], 1 << 20));
+    let base = open_on(base_mem, Format::Raw, true, None).unwrap();
+    let mem = Arc::new(MemStorage::new(Vec::new(), 1 << 30));
+    create_on(
+        mem.clone(),
+        Format::Qcow2,
+        &CreateOptions {
+            size: Some(1 << 20),
+            backing_file: Some("base.raw".into()),
+            backing_fmt: Some("raw".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let img = open_on(mem, Format::Qcow2, false, Some(base)).unwrap();
+    img.write(&[1u8; 10], 65536 + 5).unwrap();
+    let mut got = vec![0u8; 65536];
+    img.read(&mut got, 65536).unwrap();
+    assert_eq!(&got[..5], &[0x5a; 5]);
+    assert_eq!(&got[5..15], &[1; 10]);
+    assert_eq!(&got[15..], &vec![0x5a; 65536 - 15][..]);
+    // A discard makes the cluster read as zeroes (v3), not as the backing file.
+    img.discard(0, 65536).unwrap();
+    img.read(&mut got, 0).unwrap();
+    assert!(got.iter().all(|&b| b == 0));
+    assert!(!img.block_status(2 * 65536, 65536).unwrap().allocated);
+}
+
+#[test]
+fn leak_repair() {
+    let (mem, img) = new_image(1 << 20, &CreateOptions::default());
+    img.write(&[1u8; 65536], 0).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    // Leak a cluster by raising the refcount of cluster 1 (the refcount table) to 2.
+    let mut raw = mem.contents();
+    raw[2 * 65536 + 2 + 1] = 2;
+    let mem = Arc::new(MemStorage::new(raw, 1 << 30));
+    let img = open_on(mem.clone() as Arc<dyn Storage>, Format::Qcow2, false, None).unwrap();
+    let r = img.check(None).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 1));
+    let r = img.check(Some(RepairMode::Leaks)).unwrap();
+    assert_eq!((r.corruptions, r.leaks, r.leaks_fixed), (0, 0, 1));
+}
+
+#[test]
+fn refcount_corruption_rebuild() {
+    let (mem, img) = new_image(1 << 20, &CreateOptions::default());
+    img.write(&[1u8; 3 * 65536], 0).unwrap();
+    img.flush().unwrap();
+    drop(img);
+    // Zero refcount block 0 except the header: everything else now looks free.
+    let mut raw = mem.contents();
+    raw[2 * 65536 + 2..3 * 65536].fill(0);
+    let mem = Arc::new(MemStorage::new(raw, 1 << 30));
+    let img = open_on(mem, Format::Qcow2, false, None).unwrap();
+    let r = img.check(None).unwrap();
+    assert!(r.corruptions > 0);
+    let r = img.check(Some(RepairMode::All)).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    let mut got = vec![0u8; 3 * 65536];
+    img.read(&mut got, 0).unwrap();
+    assert!(got.iter().all(|&b| b == 1));
+}
+
+#[test]
+fn grows_refcount_table() {
+    // 512-byte clusters with 64-bit refcounts: a block covers 64 clusters and the
+    // table's first cluster 64 blocks, so 2 MiB of data forces table growth.
+    let (_mem, img) = new_image(
+        4 << 20,
+        &CreateOptions {
+            cluster_size: Some(512),
+            refcount_bits: Some(64),
+            ..Default::default()
+        },
+    );
+    let data: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8).collect();
+    img.write(&data, 4096).unwrap();
+    img.flush().unwrap();
+    let mut got = vec![0u8; data.len()];
+    img.read(&mut got, 4096).unwrap();
+    assert!(got == data);
+    let r = img.check(None).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+}
+
+#[test]
+fn concurrent_writers() {
+    let (_mem, img) = new_image(8 << 20, &CreateOptions::default());
+    std::thread::scope(|s| {
+        for t in 0..4u8 {
+            let img = img.clone();
+            s.spawn(move || {
+                for i in 0..64u64 {
+                    let off = (i * 4 + t as u64) * 32768;
+                    img.write(&vec![t + 1; 32768], off).unwrap();
+                }
+            });
+        }
+    });
+    let mut got = vec![0u8; 32768];
+    for i in 0..64u64 {
+        for t in 0..4u8 {
+            img.read(&mut got, (i * 4 + t as u64) * 32768).unwrap();
+            assert!(got.iter().all(|&b| b == t + 1));
+        }
+    }
+    img.flush().unwrap();
+    let r = img.check(None).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+}
+
+#[test]
+fn large_l1_with_tiny_refcount_blocks() {
+    // 512-byte clusters with 64-bit refcounts: one refcount block covers 64 clusters,
+    // while the L1 table of a 1 GiB disk needs 512 contiguous clusters.
+    let (_mem, img) = new_image(
+        1 << 30,
+        &CreateOptions {
+            cluster_size: Some(512),
+            refcount_bits: Some(64),
+            ..Default::default()
+        },
+    );
+    img.write(&[9u8; 100_000], (1 << 30) - 100_000).unwrap();
+    img.flush().unwrap();
+    let r = img.check(None).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    let mut got = vec![0u8; 100_000];
+    img.read(&mut got, (1 << 30) - 100_000).unwrap();
+    assert!(got.iter().all(|&b| b == 9));
+}
