@@ -194,3 +194,8 @@ pub fn feature_name_entry(kind: u8, bit: u8, name: &str) -> Vec<u8> {
     e.extend_from_slice(&n);
     e
 }
+
+/// Writes a big-endian u16 at `off` (a 16-bit refcount entry).
+pub fn put_u16_at(b: &mut [u8], off: usize, v: u16) {
+    b[off..off + 2].copy_from_slice(&v.to_be_bytes());
+}
