@@ -14,7 +14,7 @@
 //!
 //! The next child reopens the same image (recovering whatever state the kill left) and
 //! carries on with fresh sequence numbers, so kills also land during open and recovery.
-//! `STRATA_CRASH_ITERATIONS` sets the kill points per configuration (default 60).
+//! `STRATA_CRASH_ITERATIONS` sets the kill points per configuration (default 100).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -193,9 +193,18 @@ fn is_dirty(path: &Path) -> bool {
         && qcow2::get_u64(&h, qcow2::field::INCOMPATIBLE_FEATURES) & 1 != 0
 }
 
+/// What `qemu-img check` found after a kill.
+#[derive(Default)]
+struct Found {
+    clean: usize,
+    leaks: usize,
+    dirty: usize,
+}
+
 /// `qemu-img check` after a kill: no corruption allowed, leaks are.
-fn check_after_kill(path: &Path, scratch: &Path, what: &str) {
+fn check_after_kill(path: &Path, scratch: &Path, what: &str, found: &mut Found) {
     if is_dirty(path) {
+        found.dirty += 1;
         // QEMU repairs a dirty lazy-refcounts image when it opens it read-write; a
         // plain check would report the stale refcounts QEMU is about to fix.
         std::fs::copy(path, scratch).unwrap();
@@ -208,6 +217,11 @@ fn check_after_kill(path: &Path, scratch: &Path, what: &str) {
         }
     } else {
         let out = qemu::check(path);
+        match out.code {
+            0 => found.clean += 1,
+            3 => found.leaks += 1,
+            _ => {}
+        }
         if out.code != 0 && out.code != 3 {
             panic!(
                 "{what}: `{}` exited {} (2 = corruption):\n{}{}",
@@ -221,7 +235,7 @@ fn iterations() -> usize {
     std::env::var("STRATA_CRASH_ITERATIONS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(60)
+        .unwrap_or(100)
 }
 
 fn crash_test(name: &str, opts: CreateOptions) {
@@ -249,6 +263,7 @@ fn crash_test_format(name: &str, format: Format, opts: CreateOptions, iters: usi
     .unwrap_or_else(|e| panic!("{name}: create_image failed: {e}"));
     let writer = PathBuf::from(env!("CARGO_BIN_EXE_crash-writer"));
     let mut hist = History::new(size);
+    let mut found = Found::default();
     for it in 0..iters {
         let what = format!("{name}: kill {it} (seed {seed})");
         let first_seq = hist.next_seq;
@@ -281,7 +296,7 @@ fn crash_test_format(name: &str, format: Format, opts: CreateOptions, iters: usi
         hist.read_log(&log, first_seq);
 
         if format == Format::Qcow2 {
-            check_after_kill(&image, &scratch, &what);
+            check_after_kill(&image, &scratch, &what, &mut found);
         }
 
         let drv = open_image(
@@ -310,9 +325,13 @@ fn crash_test_format(name: &str, format: Format, opts: CreateOptions, iters: usi
         "{name}: no flush completed in {iters} runs; the writer never got going"
     );
     println!(
-        "{name}: {iters} kill points, {} requests, durable up to {:?}",
+        "{name}: {iters} kill points, {} requests, durable up to {:?}; after the kills \
+         qemu-img check found {} clean, {} with leaks, {} dirty (repaired on a copy)",
         hist.requests,
-        hist.last_durable()
+        hist.last_durable(),
+        found.clean,
+        found.leaks,
+        found.dirty
     );
 }
 

@@ -740,3 +740,22 @@ fn big_sparse_disk() {
         assert_same_disk(&format!("big_sparse_disk window at {off}"), &got, &want);
     }
 }
+
+/// A snapshot taken last, so the snapshot table ends the file: QEMU does not write the
+/// padding after the table's last entry, so the file ends before that padding.
+#[test]
+fn snapshot_table_ends_the_file() {
+    require_qemu!();
+    let dir = tempdir();
+    let p = make(
+        dir.path(),
+        "img.qcow2",
+        "",
+        8 * MIB,
+        &["write -P 0x31 0 3M".to_string()],
+    );
+    qemu::img(&["snapshot", "-c", "first", s(&p)]).ok();
+    qemu::io("qcow2", &p, &["write -P 0x33 512k 1M"]);
+    qemu::img(&["snapshot", "-c", "second", s(&p)]).ok();
+    verify("snapshot_table_ends_the_file", &p);
+}

@@ -62,7 +62,7 @@ fn config(name: &'static str, opts: CreateOptions) -> Config {
         backing: Backing::None,
         compressed: 0,
         small_cache: false,
-        ops: 300,
+        ops: 500,
         format: Format::Qcow2,
     }
 }
@@ -699,4 +699,131 @@ fn concurrent_writers() {
         model.write(off, &data);
     }
     judge("concurrent_writers", drv, &path, &model, dir.path());
+}
+
+/// Random operations over an image holding internal snapshots made by qemu-img:
+/// clusters shared with a snapshot must be copied on write, so afterwards
+/// `qemu-img check` is clean and every snapshot still reads as it was taken.
+fn over_snapshots(name: &'static str, create_opts: &str) {
+    require_qemu!();
+    let seed = seed(name);
+    let dir = tempdir();
+    let path = dir.path().join("img.qcow2");
+    let size = 8 * MIB;
+    qemu::create(&path, "qcow2", create_opts, &size.to_string());
+    qemu::io(
+        "qcow2",
+        &path,
+        &[
+            "write -P 0x31 0 3M",
+            "write -P 0x32 5M 1M",
+            "write -z 1M 64k",
+        ],
+    );
+    qemu::img(&["snapshot", "-c", "first", s(&path)]).ok();
+    let first = qemu::to_raw(&path);
+    qemu::io(
+        "qcow2",
+        &path,
+        &["write -P 0x33 512k 1M", "discard 2M 512k"],
+    );
+    qemu::img(&["snapshot", "-c", "second", s(&path)]).ok();
+    let second = qemu::to_raw(&path);
+
+    let mut r = Runner {
+        name,
+        drv: open_rw(&path, false),
+        model: Model::from_bytes(second.clone()),
+        discarded: vec![0u8; size as usize],
+        cs: 64 * KIB,
+        strict_discard: true,
+        rng: StdRng::seed_from_u64(seed),
+        log: Vec::new(),
+    };
+    for i in 0..300 {
+        r.step(i, seed);
+    }
+    let drv = r.drv.clone();
+    judge(name, drv, &path, &r.model, dir.path());
+    for (snap, want) in [("first", &first), ("second", &second)] {
+        let out = dir.path().join(format!("{snap}.raw"));
+        qemu::img(&[
+            "convert",
+            "-O",
+            "raw",
+            "-l",
+            &format!("snapshot.name={snap}"),
+            s(&path),
+            s(&out),
+        ])
+        .ok();
+        let got = std::fs::read(&out).unwrap();
+        assert_same_disk(
+            &format!("{name}: snapshot {snap} after Strata's writes"),
+            &got,
+            want,
+        );
+    }
+}
+
+#[test]
+fn writes_over_snapshots() {
+    over_snapshots("writes_over_snapshots", "");
+}
+
+#[test]
+fn writes_over_snapshots_compat_0_10() {
+    over_snapshots("writes_over_snapshots_compat_0_10", "compat=0.10");
+}
+
+/// A lazy-refcounts image left dirty by a killed qemu-io: Strata must repair the
+/// refcounts when it opens it read-write (as QEMU does), keep the data, and close it
+/// clean.
+#[test]
+fn dirty_lazy_image_from_qemu() {
+    require_qemu!();
+    let seed = seed("dirty_lazy_image_from_qemu");
+    let dir = tempdir();
+    let path = dir.path().join("img.qcow2");
+    let size = 8 * MIB;
+    qemu::create(&path, "qcow2", "lazy_refcounts=on", &size.to_string());
+    qemu::io("qcow2", &path, &["write -P 0x41 0 1M"]);
+    let out = qemu::run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x42 2M 1M",
+            "-c",
+            "write -P 0x43 6M 100k",
+            "-c",
+            "abort",
+            s(&path),
+        ],
+    );
+    assert_ne!(out.code, 0, "qemu-io abort should not exit cleanly");
+    assert_ne!(qemu::check(&path).code, 0, "the image should need repair");
+    let start = qemu::to_raw(&path);
+    let mut r = Runner {
+        name: "dirty_lazy_image_from_qemu",
+        drv: open_rw(&path, false),
+        model: Model::from_bytes(start),
+        discarded: vec![0u8; size as usize],
+        cs: 64 * KIB,
+        strict_discard: true,
+        rng: StdRng::seed_from_u64(seed),
+        log: Vec::new(),
+    };
+    for i in 0..200 {
+        r.step(i, seed);
+    }
+    let drv = r.drv.clone();
+    judge(
+        "dirty_lazy_image_from_qemu",
+        drv,
+        &path,
+        &r.model,
+        dir.path(),
+    );
 }
