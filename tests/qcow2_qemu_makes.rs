@@ -759,3 +759,23 @@ fn snapshot_table_ends_the_file() {
     qemu::img(&["snapshot", "-c", "second", s(&p)]).ok();
     verify("snapshot_table_ends_the_file", &p);
 }
+
+/// Persistent dirty bitmaps (the bitmaps header extension) must not disturb reading.
+#[test]
+fn with_dirty_bitmaps() {
+    require_qemu!();
+    let dir = tempdir();
+    let size = 16 * MIB;
+    let p = make(dir.path(), "img.qcow2", "", size, &[]);
+    qemu::img(&["bitmap", "--add", s(&p), "b0"]).ok();
+    qemu::img(&["bitmap", "--add", "-g", "512k", s(&p), "b1"]).ok();
+    qemu::io(
+        "qcow2",
+        &p,
+        &script(65536, size)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    verify("with_dirty_bitmaps", &p);
+}

@@ -551,6 +551,13 @@ fn backing_raw() {
 }
 
 #[test]
+fn backing_qcow2() {
+    let mut c = config("backing_qcow2", opts());
+    c.backing = Backing::Qcow2;
+    run(c);
+}
+
+#[test]
 fn backing_qcow2_compat_0_10() {
     let mut c = config(
         "backing_qcow2_compat_0_10",
@@ -825,5 +832,50 @@ fn dirty_lazy_image_from_qemu() {
         &path,
         &r.model,
         dir.path(),
+    );
+}
+
+/// Random operations on an image carrying persistent dirty bitmaps made by qemu-img:
+/// after Strata closes it, `qemu-img check` (which validates bitmaps too) must be clean,
+/// the bitmaps must still be listed and not left marked in use.
+#[test]
+fn writes_with_dirty_bitmaps() {
+    require_qemu!();
+    let name = "writes_with_dirty_bitmaps";
+    let seed = seed(name);
+    let dir = tempdir();
+    let path = dir.path().join("img.qcow2");
+    let size = 8 * MIB;
+    qemu::create(&path, "qcow2", "", &size.to_string());
+    qemu::img(&["bitmap", "--add", s(&path), "b0"]).ok();
+    qemu::io("qcow2", &path, &["write -P 0x51 0 1M"]);
+    let start = qemu::to_raw(&path);
+    let mut r = Runner {
+        name,
+        drv: open_rw(&path, false),
+        model: Model::from_bytes(start),
+        discarded: vec![0u8; size as usize],
+        cs: 64 * KIB,
+        strict_discard: true,
+        rng: StdRng::seed_from_u64(seed),
+        log: Vec::new(),
+    };
+    for i in 0..200 {
+        r.step(i, seed);
+    }
+    let drv = r.drv.clone();
+    judge(name, drv, &path, &r.model, dir.path());
+    let info = qemu::img(&["info", "--output=json", s(&path)]).ok();
+    let v: serde_json::Value = serde_json::from_str(&info.stdout).unwrap();
+    let bitmaps = &v["format-specific"]["data"]["bitmaps"];
+    assert_eq!(
+        bitmaps[0]["name"], "b0",
+        "{name}: the bitmap is gone:\n{}",
+        info.stdout
+    );
+    assert!(
+        !bitmaps[0]["flags"].to_string().contains("in-use"),
+        "{name}: the bitmap was left in use:\n{}",
+        info.stdout
     );
 }
