@@ -8,6 +8,7 @@
 #   4. strata-img convert it back to raw (and to a compressed qcow2), compare again.
 #
 # Usage: tests/demo/round_trip.sh [workdir]   (default: a temporary folder, removed after)
+# Env:   STRATA_IMG=/path/to/strata-img to use another binary than the one built here.
 # Exit status 0 means every step agreed; any mismatch stops the script with an error.
 set -euo pipefail
 
@@ -26,16 +27,17 @@ step "build strata-img"
 cargo build --release -q -p strata-img --manifest-path "$root/Cargo.toml"
 target=$(cargo metadata --format-version 1 --no-deps --manifest-path "$root/Cargo.toml" |
     sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
-strata="$target/release/strata-img"
+strata=${STRATA_IMG:-$target/release/strata-img}
 command -v qemu-img >/dev/null || { echo "qemu-img is not installed" >&2; exit 1; }
 
 step "make a 64 MiB pattern disk: text, random data and holes"
 src="$work/pattern.raw"
 truncate -s 0 "$src"
 truncate -s 64M "$src"
-yes "Strata round trip: the quick brown fox jumps over the lazy dog" |
-    head -c 16M | dd of="$src" conv=notrunc status=none
-head -c 8M /dev/urandom | dd of="$src" bs=1M seek=24 conv=notrunc status=none
+# (head reads from process substitutions so that the producers' SIGPIPE is not an error)
+head -c 16M < <(yes "Strata round trip: the quick brown fox jumps over the lazy dog") |
+    dd of="$src" conv=notrunc status=none
+head -c 8M < /dev/urandom | dd of="$src" bs=1M seek=24 conv=notrunc status=none
 printf 'the last bytes of the disk' | dd of="$src" bs=1 seek=$((64 * 1024 * 1024 - 26)) \
     conv=notrunc status=none
 
