@@ -130,6 +130,7 @@ fn images() -> Images {
         ("lazy.qcow2", "lazy_refcounts=on"),
         ("ext.qcow2", "extended_l2=on"),
         ("c4k.qcow2", "cluster_size=4096,refcount_bits=64"),
+        ("prealloc.qcow2", "preallocation=metadata"),
     ] {
         qemu::create(&p(name), "qcow2", opts, "8M");
         writes(&p(name));
@@ -173,6 +174,7 @@ const ALL: &[&str] = &[
     "lazy.qcow2",
     "ext.qcow2",
     "c4k.qcow2",
+    "prealloc.qcow2",
     "empty.qcow2",
     "zstd.qcow2",
     "mid.qcow2",
