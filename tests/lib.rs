@@ -207,13 +207,6 @@ pub fn strata_img_bin() -> PathBuf {
     bin
 }
 
-/// The size of a file in bytes.
-pub fn file_len(path: &Path) -> u64 {
-    std::fs::metadata(path)
-        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
-        .len()
-}
-
 /// A path as a `&str` (test paths are always UTF-8).
 pub fn s(path: &Path) -> &str {
     path.to_str().expect("non-UTF-8 temporary path")

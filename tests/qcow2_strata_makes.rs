@@ -879,3 +879,52 @@ fn writes_with_dirty_bitmaps() {
         info.stdout
     );
 }
+
+/// Growing an image (then writing into the new space) and shrinking it where nothing is
+/// allocated past the new end; shrinking over allocated data must fail and change
+/// nothing.
+#[test]
+fn resize_grow_and_shrink() {
+    require_qemu!();
+    let name = "resize_grow_and_shrink";
+    let seed = seed(name);
+    let dir = tempdir();
+    let path = dir.path().join("img.qcow2");
+    let size = 8 * MIB;
+    create_image(
+        &path,
+        Format::Qcow2,
+        &CreateOptions {
+            size: Some(size),
+            ..opts()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{name}: create_image failed: {e}"));
+    let drv = open_rw(&path, false);
+    let head = pattern(seed, 0, 3 * MIB as usize);
+    drv.write(&head, 0).unwrap();
+    drv.resize(24 * MIB, Preallocation::Off)
+        .unwrap_or_else(|e| panic!("{name}: grow failed: {e}"));
+    assert_eq!(drv.size(), 24 * MIB, "{name}: size after growing");
+    let tail = pattern(seed ^ 1, 20 * MIB + 1234, 100_000);
+    drv.write(&tail, 20 * MIB + 1234).unwrap();
+    let mut model = Model::zeroed(24 * MIB);
+    model.write(0, &head);
+    model.write(20 * MIB + 1234, &tail);
+    judge(name, drv, &path, &model, dir.path());
+
+    let drv = open_rw(&path, false);
+    assert!(
+        drv.resize(4 * MIB, Preallocation::Off).is_err(),
+        "{name}: shrinking over allocated data must fail"
+    );
+    assert_eq!(
+        drv.size(),
+        24 * MIB,
+        "{name}: a failed shrink changed the size"
+    );
+    drv.resize(22 * MIB, Preallocation::Off)
+        .unwrap_or_else(|e| panic!("{name}: shrink past the data failed: {e}"));
+    model.data.truncate(22 * MIB as usize);
+    judge(&format!("{name} (shrunk)"), drv, &path, &model, dir.path());
+}

@@ -44,8 +44,6 @@ pub mod field {
 
 /// Header extension type: feature name table.
 pub const EXT_FEATURE_NAMES: u32 = 0x6803_f857;
-/// Header extension type: backing file format name.
-pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 
 /// L2 entry flag: the cluster is compressed.
 pub const L2_COMPRESSED: u64 = 1 << 62;
