@@ -1,0 +1,16 @@
+//! `strata-jobs`: Strata's block jobs.
+//!
+//! [`job`] is QEMU's job model (statuses, verbs, events, pauses, cancellation, error
+//! actions) with a [`job::JobManager`] that QMP commands drive; [`ratelimit`] is the
+//! 100 ms-slice rate limiter that `speed` controls.
+
+pub mod job;
+pub mod ratelimit;
+
+pub use job::{
+    ErrorAction, EventSink, Job, JobContext, JobDriver, JobError, JobManager, JobOptions,
+    JobStatus, NoEvents, OnError, Verb,
+};
+
+#[cfg(test)]
+mod tests;
