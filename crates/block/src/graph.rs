@@ -100,6 +100,36 @@ impl BlockGraph {
         self.open_node(opts, false)
     }
 
+    /// Opens a node that the graph names itself when `node_name` is absent (targets
+    /// created by `drive-backup`, backing files opened from image headers).
+    pub fn open_implicit(&self, opts: &BlockdevOptions) -> BlockResult<Arc<BlockNode>> {
+        self.open_node(opts, true)
+    }
+
+    /// A fresh automatic node name (`#blockNNN`).
+    pub fn new_auto_name(&self) -> String {
+        self.auto_name()
+    }
+
+    /// Adds a node built elsewhere (a filter). Fails on a duplicate name.
+    pub fn insert_node(&self, node: Arc<BlockNode>) -> BlockResult<()> {
+        let mut s = self.lock();
+        if s.nodes.iter().any(|n| n.name() == node.name()) {
+            return Err(BlockError::generic(format!(
+                "Duplicate nodes with node-name='{}'",
+                node.name()
+            )));
+        }
+        s.nodes.push(node);
+        Ok(())
+    }
+
+    /// Removes a node (and closes implicit children nobody else uses) without
+    /// the monitor-ownership checks of `blockdev-del`.
+    pub fn remove_node(&self, node: &Arc<BlockNode>) -> BlockResult<()> {
+        self.remove_tree(node)
+    }
+
     fn open_node(&self, opts: &BlockdevOptions, implicit_ok: bool) -> BlockResult<Arc<BlockNode>> {
         let (name, implicit) = match &opts.node_name {
             Some(n) => {

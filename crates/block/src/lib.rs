@@ -18,6 +18,6 @@ pub mod tracker;
 pub use bitmap::DirtyBitmap;
 pub use error::{BlockError, BlockResult, ErrorClass};
 pub use graph::{BitmapRef, BlockGraph};
-pub use node::{BlockNode, NodeSettings};
+pub use node::{BeforeWrite, BlockNode, NodeSettings};
 pub use null::NullDisk;
 pub use options::BlockdevOptions;

@@ -28,6 +28,13 @@ pub struct NodeSettings {
     pub detect_zeroes: DetectZeroes,
 }
 
+/// Runs before a write, zero write or discard reaches a node's driver: the
+/// copy-before-write hook of a running backup is one.
+pub trait BeforeWrite: Send + Sync {
+    /// Called with the range about to change. An error fails the write.
+    fn before_write(&self, offset: u64, len: u64) -> BlockResult<()>;
+}
+
 /// A node of the block graph.
 pub struct BlockNode {
     name: String,
@@ -40,6 +47,7 @@ pub struct BlockNode {
     settings: NodeSettings,
     bitmaps: RwLock<Vec<Arc<DirtyBitmap>>>,
     tracker: RequestTracker,
+    hooks: RwLock<Vec<Arc<dyn BeforeWrite>>>,
 }
 
 impl std::fmt::Debug for BlockNode {
@@ -75,6 +83,7 @@ impl BlockNode {
             settings,
             bitmaps: RwLock::new(Vec::new()),
             tracker: RequestTracker::default(),
+            hooks: RwLock::new(Vec::new()),
         })
     }
 
@@ -153,6 +162,33 @@ impl BlockNode {
         self.check_range(offset, len)
     }
 
+    /// Installs a before-write hook. The node is drained first, so that every write
+    /// that completes after this returns has passed through the hook.
+    pub fn add_hook(&self, hook: Arc<dyn BeforeWrite>) {
+        let _d = self.tracker.drain();
+        self.hooks
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(hook);
+    }
+
+    /// Removes a before-write hook (after draining the node).
+    pub fn remove_hook(&self, hook: &Arc<dyn BeforeWrite>) {
+        let _d = self.tracker.drain();
+        self.hooks
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|h| !Arc::ptr_eq(h, hook));
+    }
+
+    fn run_hooks(&self, offset: u64, len: u64) -> BlockResult<()> {
+        let hooks = self.hooks.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for h in hooks {
+            h.before_write(offset, len)?;
+        }
+        Ok(())
+    }
+
     /// Reads through the node.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
         self.check_range(offset, buf.len() as u64)?;
@@ -164,6 +200,7 @@ impl BlockNode {
     pub fn write(&self, buf: &[u8], offset: u64) -> BlockResult<()> {
         self.check_write(offset, buf.len() as u64)?;
         let _t = self.tracker.begin(offset, buf.len() as u64, true);
+        self.run_hooks(offset, buf.len() as u64)?;
         let dz = self.settings.detect_zeroes;
         if dz != DetectZeroes::Off && buf.iter().all(|&b| b == 0) {
             let unmap = dz == DetectZeroes::Unmap && self.settings.discard == DiscardMode::Unmap;
@@ -179,6 +216,7 @@ impl BlockNode {
     pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> BlockResult<()> {
         self.check_write(offset, len)?;
         let _t = self.tracker.begin(offset, len, true);
+        self.run_hooks(offset, len)?;
         let unmap = may_unmap && self.settings.discard == DiscardMode::Unmap;
         self.io.write_zeroes(offset, len, unmap)?;
         self.mark_dirty(offset, len);
@@ -192,6 +230,7 @@ impl BlockNode {
             return Ok(());
         }
         let _t = self.tracker.begin(offset, len, true);
+        self.run_hooks(offset, len)?;
         self.io.discard(offset, len)?;
         self.mark_dirty(offset, len);
         Ok(())

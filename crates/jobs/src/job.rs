@@ -679,6 +679,18 @@ impl JobContext {
         self.job.lock().total += n;
     }
 
+    /// Progress done so far.
+    pub fn done(&self) -> u64 {
+        self.job.lock().current
+    }
+
+    /// A handle that records progress from other threads (copy-before-write).
+    pub fn progress_handle(&self) -> ProgressHandle {
+        ProgressHandle {
+            job: self.job.clone(),
+        }
+    }
+
     /// Records progress.
     pub fn add_done(&self, n: u64) {
         let mut st = self.job.lock();
@@ -729,6 +741,23 @@ impl JobContext {
             }
         }
         action
+    }
+}
+
+/// Records a job's progress from any thread.
+#[derive(Clone)]
+pub struct ProgressHandle {
+    job: Arc<Job>,
+}
+
+impl ProgressHandle {
+    /// Records `n` more bytes done.
+    pub fn add_done(&self, n: u64) {
+        let mut st = self.job.lock();
+        st.current += n;
+        if st.current > st.total {
+            st.total = st.current;
+        }
     }
 }
 
