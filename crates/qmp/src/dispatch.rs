@@ -15,7 +15,8 @@ use crate::schema::{check_args, ObjectType, SchemaWriter, Type};
 use crate::server::Outbox;
 
 /// A command handler: validated arguments in, return value or error out.
-pub type Handler = Arc<dyn Fn(&Map<String, Value>, &Context<'_>) -> Result<Value, QmpError> + Send + Sync>;
+pub type Handler =
+    Arc<dyn Fn(&Map<String, Value>, &Context<'_>) -> Result<Value, QmpError> + Send + Sync>;
 
 type RawHandler = Arc<dyn Fn(&Json, &Context<'_>) -> Result<Json, QmpError> + Send + Sync>;
 
@@ -38,7 +39,9 @@ pub struct Command {
 
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Command").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Command")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -47,7 +50,10 @@ impl Command {
     /// the builder methods.
     pub fn new(
         name: impl Into<String>,
-        handler: impl Fn(&Map<String, Value>, &Context<'_>) -> Result<Value, QmpError> + Send + Sync + 'static,
+        handler: impl Fn(&Map<String, Value>, &Context<'_>) -> Result<Value, QmpError>
+            + Send
+            + Sync
+            + 'static,
     ) -> Self {
         let name = name.into();
         Command {
@@ -60,7 +66,10 @@ impl Command {
         }
     }
 
-    fn raw(name: &str, handler: impl Fn(&Json, &Context<'_>) -> Result<Json, QmpError> + Send + Sync + 'static) -> Self {
+    fn raw(
+        name: &str,
+        handler: impl Fn(&Json, &Context<'_>) -> Result<Json, QmpError> + Send + Sync + 'static,
+    ) -> Self {
         let mut c = Command::new(name, |_, _| Ok(Value::Null));
         c.handler = HandlerKind::Raw(Arc::new(handler));
         c
@@ -158,7 +167,10 @@ pub struct Registry {
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registry")
-            .field("commands", &self.commands.iter().map(|c| &c.name).collect::<Vec<_>>())
+            .field(
+                "commands",
+                &self.commands.iter().map(|c| &c.name).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -276,7 +288,11 @@ impl Registry {
     }
 
     /// Declares an event and its data type (for `query-qmp-schema`).
-    pub fn register_event(&mut self, name: impl Into<String>, data: ObjectType) -> Result<&mut Self, RegistryError> {
+    pub fn register_event(
+        &mut self,
+        name: impl Into<String>,
+        data: ObjectType,
+    ) -> Result<&mut Self, RegistryError> {
         let name = name.into();
         if self.events.iter().any(|(n, _)| *n == name) {
             return Err(RegistryError::Duplicate(name));
@@ -318,7 +334,10 @@ impl Registry {
             "QMP".into(),
             Json::Object(vec![
                 ("version".into(), self.version.to_json()),
-                ("capabilities".into(), Json::Array(vec![Json::Str("oob".into())])),
+                (
+                    "capabilities".into(),
+                    Json::Array(vec![Json::Str("oob".into())]),
+                ),
             ]),
         )])
     }
@@ -352,7 +371,9 @@ pub fn typed_json(v: &Value, ty: &Type) -> Json {
             }
             Json::Object(out)
         }
-        (Value::Array(a), Type::Array(elem)) => Json::Array(a.iter().map(|x| typed_json(x, elem)).collect()),
+        (Value::Array(a), Type::Array(elem)) => {
+            Json::Array(a.iter().map(|x| typed_json(x, elem)).collect())
+        }
         (_, Type::Alternate(alt)) => {
             let j = Json::from_serde(v);
             for b in &alt.branches {
@@ -393,18 +414,26 @@ fn check_obj(members: &[(String, Json)], allow_oob: bool) -> Result<(String, boo
         let (k, v) = (&members[i].0, &members[i].1);
         if k == "execute" || (k == "exec-oob" && allow_oob) {
             let Json::Str(cmd) = v else {
-                return Err(QmpError::generic(format!("QMP input member '{k}' must be a string")));
+                return Err(QmpError::generic(format!(
+                    "QMP input member '{k}' must be a string"
+                )));
             };
             if let Some((prev, _)) = exec {
-                return Err(QmpError::generic(format!("QMP input member '{k}' clashes with '{prev}'")));
+                return Err(QmpError::generic(format!(
+                    "QMP input member '{k}' clashes with '{prev}'"
+                )));
             }
             exec = Some((k, cmd));
         } else if k == "arguments" {
             if !matches!(v, Json::Object(_)) {
-                return Err(QmpError::generic("QMP input member 'arguments' must be an object"));
+                return Err(QmpError::generic(
+                    "QMP input member 'arguments' must be an object",
+                ));
             }
         } else if k != "id" {
-            return Err(QmpError::generic(format!("QMP input member '{k}' is unexpected")));
+            return Err(QmpError::generic(format!(
+                "QMP input member '{k}' is unexpected"
+            )));
         }
     }
     match exec {
@@ -423,9 +452,13 @@ fn run(ctx: &Context<'_>, req: &Json) -> Result<Json, QmpError> {
         .registry
         .command(&name)
         .filter(|c| !negotiating || c.name == "qmp_capabilities")
-        .ok_or_else(|| QmpError::command_not_found(format!("The command {name} has not been found")))?;
+        .ok_or_else(|| {
+            QmpError::command_not_found(format!("The command {name} has not been found"))
+        })?;
     if oob && !cmd.allow_oob {
-        return Err(QmpError::generic(format!("The command {name} does not support OOB")));
+        return Err(QmpError::generic(format!(
+            "The command {name} does not support OOB"
+        )));
     }
     let empty = Json::Object(Vec::new());
     let args = req.get("arguments").unwrap_or(&empty);
@@ -479,7 +512,11 @@ mod tests {
 
     fn session(reg: &Registry) -> (Arc<Outbox>, EventSender, AtomicBool) {
         let _ = reg;
-        (Arc::new(Outbox::detached()), EventSender::new(), AtomicBool::new(false))
+        (
+            Arc::new(Outbox::detached()),
+            EventSender::new(),
+            AtomicBool::new(false),
+        )
     }
 
     fn send(reg: &Registry, out: &Outbox, ev: &EventSender, q: &AtomicBool, line: &str) -> String {
@@ -496,8 +533,11 @@ mod tests {
     fn negotiation_and_errors() {
         let mut reg = Registry::default();
         reg.register(
-            Command::new("echo", |a, _| Ok(Value::Object(a.clone())))
-                .args(ObjectType::new("e").member("node-name", Type::Str).optional("n", Type::Int)),
+            Command::new("echo", |a, _| Ok(Value::Object(a.clone()))).args(
+                ObjectType::new("e")
+                    .member("node-name", Type::Str)
+                    .optional("n", Type::Int),
+            ),
         )
         .unwrap();
         let (out, ev, q) = session(&reg);
@@ -510,7 +550,10 @@ mod tests {
             s(r#"{"execute":"qmp_capabilities","arguments":{"foo":1}}"#),
             r#"{"error": {"class": "GenericError", "desc": "Parameter 'foo' is unexpected"}}"#
         );
-        assert_eq!(s(r#"{"execute":"qmp_capabilities","id":[1]}"#), r#"{"return": {}, "id": [1]}"#);
+        assert_eq!(
+            s(r#"{"execute":"qmp_capabilities","id":[1]}"#),
+            r#"{"return": {}, "id": [1]}"#
+        );
         assert_eq!(
             s(r#"{"execute":"qmp_capabilities","id":4}"#),
             r#"{"id": 4, "error": {"class": "CommandNotFound", "desc": "Capabilities negotiation is already complete, command ignored"}}"#
@@ -519,8 +562,14 @@ mod tests {
             s(r#"{"execute":"nope","id":1}"#),
             r#"{"id": 1, "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#
         );
-        assert_eq!(s("[1]"), r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#);
-        assert_eq!(s(r#"{"id":1}"#), r#"{"id": 1, "error": {"class": "GenericError", "desc": "QMP input lacks member 'execute'"}}"#);
+        assert_eq!(
+            s("[1]"),
+            r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#
+        );
+        assert_eq!(
+            s(r#"{"id":1}"#),
+            r#"{"id": 1, "error": {"class": "GenericError", "desc": "QMP input lacks member 'execute'"}}"#
+        );
         assert_eq!(
             s(r#"{"execute":1}"#),
             r#"{"error": {"class": "GenericError", "desc": "QMP input member 'execute' must be a string"}}"#
@@ -533,7 +582,10 @@ mod tests {
             s(r#"{"execute":"echo","arguments":{}}"#),
             r#"{"error": {"class": "GenericError", "desc": "Parameter 'node-name' is missing"}}"#
         );
-        assert_eq!(s(r#"{"execute":"echo","arguments":{"node-name":"a","n":5}}"#), r#"{"return": {"n": 5, "node-name": "a"}}"#);
+        assert_eq!(
+            s(r#"{"execute":"echo","arguments":{"node-name":"a","n":5}}"#),
+            r#"{"return": {"n": 5, "node-name": "a"}}"#
+        );
         assert_eq!(
             s(r#"{"execute":"query-version"}"#),
             format!(
@@ -546,11 +598,18 @@ mod tests {
     #[test]
     fn oob_rules() {
         let mut reg = Registry::default();
-        reg.register(Command::new("fast", |_, _| Ok(Value::Null)).allow_oob()).unwrap();
+        reg.register(Command::new("fast", |_, _| Ok(Value::Null)).allow_oob())
+            .unwrap();
         let (out, ev, q) = session(&reg);
         let s = |l: &str| send(&reg, &out, &ev, &q, l);
-        assert_eq!(s(r#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}"#), r#"{"return": {}}"#);
-        assert_eq!(s(r#"{"exec-oob":"fast","id":"a"}"#), r#"{"return": {}, "id": "a"}"#);
+        assert_eq!(
+            s(r#"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}"#),
+            r#"{"return": {}}"#
+        );
+        assert_eq!(
+            s(r#"{"exec-oob":"fast","id":"a"}"#),
+            r#"{"return": {}, "id": "a"}"#
+        );
         assert_eq!(
             s(r#"{"exec-oob":"query-version","id":"b"}"#),
             r#"{"id": "b", "error": {"class": "GenericError", "desc": "The command query-version does not support OOB"}}"#
@@ -562,7 +621,13 @@ mod tests {
         let reg = Registry::default();
         let (out, ev, q) = session(&reg);
         assert_eq!(
-            send(&reg, &out, &ev, &q, r#"{"execute":"qmp_capabilities","arguments":{"enable":["x"]}}"#),
+            send(
+                &reg,
+                &out,
+                &ev,
+                &q,
+                r#"{"execute":"qmp_capabilities","arguments":{"enable":["x"]}}"#
+            ),
             r#"{"error": {"class": "GenericError", "desc": "Parameter 'null' does not accept value 'x'"}}"#
         );
     }

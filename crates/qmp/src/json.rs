@@ -95,7 +95,9 @@ impl Json {
                 .unwrap_or(V::Null),
             Json::Str(s) => V::String(s.clone()),
             Json::Array(a) => V::Array(a.iter().map(Json::to_serde).collect()),
-            Json::Object(m) => V::Object(m.iter().map(|(k, v)| (k.clone(), v.to_serde())).collect()),
+            Json::Object(m) => {
+                V::Object(m.iter().map(|(k, v)| (k.clone(), v.to_serde())).collect())
+            }
         }
     }
 
@@ -434,7 +436,10 @@ impl Parser<'_> {
     }
 
     fn pop(&mut self) -> Result<(Tok, &[u8]), String> {
-        let t = self.toks.get(self.pos).ok_or_else(|| perr("premature EOI"))?;
+        let t = self
+            .toks
+            .get(self.pos)
+            .ok_or_else(|| perr("premature EOI"))?;
         self.pos += 1;
         Ok((t.0, &t.1))
     }
@@ -683,25 +688,58 @@ mod tests {
 
     #[test]
     fn parse_error_texts() {
-        assert_eq!(errs(b"{\"execute\":}"), ["JSON parse error, expecting value"]);
+        assert_eq!(
+            errs(b"{\"execute\":}"),
+            ["JSON parse error, expecting value"]
+        );
         assert_eq!(errs(b"}"), ["JSON parse error, expecting value"]);
-        assert_eq!(errs(b"{\"a\":1 \"b\":1}"), ["JSON parse error, expected separator in dict"]);
-        assert_eq!(errs(b"[1 2]"), ["JSON parse error, expected separator in list"]);
-        assert_eq!(errs(b"{\"a\" 1}"), ["JSON parse error, missing : in object pair"]);
-        assert_eq!(errs(b"{1:1}"), ["JSON parse error, key is not a string in object"]);
-        assert_eq!(errs(b"{\"a\":1,\"a\":2}"), ["JSON parse error, duplicate key"]);
-        assert_eq!(errs(b"garbage "), ["JSON parse error, invalid keyword 'garbage'"]);
+        assert_eq!(
+            errs(b"{\"a\":1 \"b\":1}"),
+            ["JSON parse error, expected separator in dict"]
+        );
+        assert_eq!(
+            errs(b"[1 2]"),
+            ["JSON parse error, expected separator in list"]
+        );
+        assert_eq!(
+            errs(b"{\"a\" 1}"),
+            ["JSON parse error, missing : in object pair"]
+        );
+        assert_eq!(
+            errs(b"{1:1}"),
+            ["JSON parse error, key is not a string in object"]
+        );
+        assert_eq!(
+            errs(b"{\"a\":1,\"a\":2}"),
+            ["JSON parse error, duplicate key"]
+        );
+        assert_eq!(
+            errs(b"garbage "),
+            ["JSON parse error, invalid keyword 'garbage'"]
+        );
         assert_eq!(errs(b"\x01"), ["JSON parse error, stray '\u{1}'"]);
         assert_eq!(
             errs(b"{\"a\":01}\n"),
-            ["JSON parse error, stray '01'", "JSON parse error, expecting value"]
+            [
+                "JSON parse error, stray '01'",
+                "JSON parse error, expecting value"
+            ]
         );
         assert_eq!(errs(b"{\"a\":-}\n"), ["JSON parse error, stray '-}'"]);
         assert_eq!(
             errs(b"{\"a\":\"\xff\"}\n"),
-            ["JSON parse error, stray '\"\u{fffd}'", "JSON parse error, expecting value"]
+            [
+                "JSON parse error, stray '\"\u{fffd}'",
+                "JSON parse error, expecting value"
+            ]
         );
-        assert_eq!(errs(b"{\"a\":\x00}"), ["JSON parse error, stray ''", "JSON parse error, expecting value"]);
+        assert_eq!(
+            errs(b"{\"a\":\x00}"),
+            [
+                "JSON parse error, stray ''",
+                "JSON parse error, expecting value"
+            ]
+        );
         assert_eq!(
             errs(b"[[[]]]]"),
             ["ok [[[]]]", "JSON parse error, expecting value"]
@@ -711,20 +749,48 @@ mod tests {
     #[test]
     fn string_errors() {
         let e = |s: &[u8]| parse(s).unwrap_err();
-        assert_eq!(e(b"\"\\u12\""), "JSON parse error, \\u12\" is not a valid Unicode character");
-        assert_eq!(e(b"\"\\ud800\\u0041\""), "JSON parse error, \\ud800 is not a valid Unicode character");
-        assert_eq!(e(b"\"\\udc00\""), "JSON parse error, \\udc00 is not a valid Unicode character");
-        assert_eq!(e(b"\"\\x\""), "JSON parse error, invalid escape sequence in string");
-        for bad in [&b"\"\xed\xa0\x80\""[..], b"\"\xf4\x90\x80\x80\"", b"\"\xe0\x80\x80\"", b"\"\xc3\"", b"\"\xef\xbf\xbf\""] {
+        assert_eq!(
+            e(b"\"\\u12\""),
+            "JSON parse error, \\u12\" is not a valid Unicode character"
+        );
+        assert_eq!(
+            e(b"\"\\ud800\\u0041\""),
+            "JSON parse error, \\ud800 is not a valid Unicode character"
+        );
+        assert_eq!(
+            e(b"\"\\udc00\""),
+            "JSON parse error, \\udc00 is not a valid Unicode character"
+        );
+        assert_eq!(
+            e(b"\"\\x\""),
+            "JSON parse error, invalid escape sequence in string"
+        );
+        for bad in [
+            &b"\"\xed\xa0\x80\""[..],
+            b"\"\xf4\x90\x80\x80\"",
+            b"\"\xe0\x80\x80\"",
+            b"\"\xc3\"",
+            b"\"\xef\xbf\xbf\"",
+        ] {
             assert_eq!(e(bad), "JSON parse error, invalid UTF-8 sequence in string");
         }
-        assert_eq!(parse(b"\"\xc0\x80\\u0000\\ud83d\\ude00\"").unwrap(), Json::Str("\0\0\u{1f600}".into()));
+        assert_eq!(
+            parse(b"\"\xc0\x80\\u0000\\ud83d\\ude00\"").unwrap(),
+            Json::Str("\0\0\u{1f600}".into())
+        );
     }
 
     #[test]
     fn recovery_and_limits() {
         let m = errs(b"{\"a\":1} garbage {\"b\":2}");
-        assert_eq!(m, ["ok {\"a\": 1}", "JSON parse error, invalid keyword 'garbage'", "ok {\"b\": 2}"]);
+        assert_eq!(
+            m,
+            [
+                "ok {\"a\": 1}",
+                "JSON parse error, invalid keyword 'garbage'",
+                "ok {\"b\": 2}"
+            ]
+        );
         let deep = vec![b'['; 1100];
         assert_eq!(errs(&deep), ["JSON nesting depth limit exceeded"]);
         let mut ok = vec![b'['; 1024];

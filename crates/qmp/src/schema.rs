@@ -194,27 +194,25 @@ impl Type {
 
     /// Whether a JSON value of this kind selects this alternate branch.
     fn accepts_kind(&self, v: &Json) -> bool {
-        match (self, v) {
-            (Type::Str | Type::Enum(_), Json::Str(_)) => true,
-            (Type::Bool, Json::Bool(_)) => true,
-            (Type::Null, Json::Null) => true,
-            (Type::Number, Json::Int(_) | Json::UInt(_) | Json::Float(_)) => true,
-            (
-                Type::Int
-                | Type::Int8
-                | Type::Int16
-                | Type::Int32
-                | Type::Uint8
-                | Type::Uint16
-                | Type::Uint32
-                | Type::Uint64
-                | Type::Size,
-                Json::Int(_) | Json::UInt(_) | Json::Float(_),
-            ) => true,
-            (Type::Object(_), Json::Object(_)) => true,
-            (Type::Array(_), Json::Array(_)) => true,
-            (Type::Any, _) => true,
-            _ => false,
+        let number = matches!(v, Json::Int(_) | Json::UInt(_) | Json::Float(_));
+        match self {
+            Type::Str | Type::Enum(_) => matches!(v, Json::Str(_)),
+            Type::Bool => matches!(v, Json::Bool(_)),
+            Type::Null => matches!(v, Json::Null),
+            Type::Number
+            | Type::Int
+            | Type::Int8
+            | Type::Int16
+            | Type::Int32
+            | Type::Uint8
+            | Type::Uint16
+            | Type::Uint32
+            | Type::Uint64
+            | Type::Size => number,
+            Type::Object(_) => matches!(v, Json::Object(_)),
+            Type::Array(_) => matches!(v, Json::Array(_)),
+            Type::Any => true,
+            Type::Alternate(_) => false,
         }
     }
 }
@@ -288,12 +286,7 @@ fn visit<'a>(ty: &'a Type, v: &'a Json, path: &mut Vec<Seg<'a>>) -> Result<(), S
         let u = match v {
             Json::Int(i) => *i as u64,
             Json::UInt(u) => *u,
-            _ => {
-                return Err(format!(
-                    "Parameter '{}' expects uint64",
-                    full_name(path)
-                ))
-            }
+            _ => return Err(format!("Parameter '{}' expects uint64", full_name(path))),
         };
         if u > hi {
             return Err(format!(
@@ -410,11 +403,17 @@ pub struct SchemaWriter {
     types: Vec<Json>,
     names: HashMap<usize, String>,
     builtins: Vec<&'static str>,
+    arrays: std::collections::HashSet<String>,
     next: usize,
 }
 
 fn obj(members: Vec<(&str, Json)>) -> Json {
-    Json::Object(members.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+    Json::Object(
+        members
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    )
 }
 
 fn s(v: &str) -> Json {
@@ -428,7 +427,14 @@ impl SchemaWriter {
     }
 
     /// Adds a command entry.
-    pub fn command(&mut self, name: &str, args: &Arc<ObjectType>, ret: &Type, allow_oob: bool, features: &[String]) {
+    pub fn command(
+        &mut self,
+        name: &str,
+        args: &Arc<ObjectType>,
+        ret: &Type,
+        allow_oob: bool,
+        features: &[String],
+    ) {
         let arg = self.object_name(args);
         let ret = self.type_name(ret);
         let mut m = vec![
@@ -441,7 +447,10 @@ impl SchemaWriter {
             m.push(("allow-oob", Json::Bool(true)));
         }
         if !features.is_empty() {
-            m.push(("features", Json::Array(features.iter().map(|f| s(f)).collect())));
+            m.push((
+                "features",
+                Json::Array(features.iter().map(|f| s(f)).collect()),
+            ));
         }
         self.entities.push(obj(m));
     }
@@ -531,8 +540,7 @@ impl SchemaWriter {
             Type::Array(elem) => {
                 let en = self.type_name(elem);
                 let name = format!("[{en}]");
-                let key = format!("array:{name}");
-                if !self.builtins_array_seen(&key) {
+                if self.arrays.insert(name.clone()) {
                     self.types.push(obj(vec![
                         ("name", s(&name)),
                         ("meta-type", s("array")),
@@ -576,22 +584,6 @@ impl SchemaWriter {
             _ => "any".to_string(),
         }
     }
-
-    fn builtins_array_seen(&mut self, key: &str) -> bool {
-        // Arrays are keyed by their printed name in a separate namespace.
-        let h = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            key.hash(&mut h);
-            h.finish() as usize | 1
-        };
-        if self.names.contains_key(&h) {
-            true
-        } else {
-            self.names.insert(h, key.to_string());
-            false
-        }
-    }
 }
 
 #[cfg(test)]
@@ -615,41 +607,116 @@ mod tests {
     fn qemu_texts() {
         let o = bitmap_add();
         assert_eq!(err(&o, r#"{"node":"x"}"#), "Parameter 'name' is missing");
-        assert_eq!(err(&o, r#"{"node":1,"name":"b"}"#), "Invalid parameter type for 'node', expected: string");
-        assert_eq!(err(&o, r#"{"node":null,"name":"b"}"#), "Invalid parameter type for 'node', expected: string");
-        assert_eq!(err(&o, r#"{"node":"x","name":"b","granularity":"s"}"#), "Parameter 'granularity' expects uint64");
-        assert_eq!(err(&o, r#"{"node":"x","name":"b","granularity":1.5}"#), "Parameter 'granularity' expects uint64");
-        assert_eq!(err(&o, r#"{"node":"x","name":"b","granularity":-1}"#), "Parameter 'granularity' expects uint32_t");
-        assert_eq!(err(&o, r#"{"node":"x","name":"b","granularity":4294967296}"#), "Parameter 'granularity' expects uint32_t");
-        assert_eq!(err(&o, r#"{"node":"x","name":"b","persistent":1}"#), "Invalid parameter type for 'persistent', expected: boolean");
-        assert_eq!(err(&o, r#"{"node":"x","name":"b","foo":1}"#), "Parameter 'foo' is unexpected");
-        assert!(check_args(&o, &parse(br#"{"node":"x","name":"b","granularity":65536}"#).unwrap()).is_ok());
+        assert_eq!(
+            err(&o, r#"{"node":1,"name":"b"}"#),
+            "Invalid parameter type for 'node', expected: string"
+        );
+        assert_eq!(
+            err(&o, r#"{"node":null,"name":"b"}"#),
+            "Invalid parameter type for 'node', expected: string"
+        );
+        assert_eq!(
+            err(&o, r#"{"node":"x","name":"b","granularity":"s"}"#),
+            "Parameter 'granularity' expects uint64"
+        );
+        assert_eq!(
+            err(&o, r#"{"node":"x","name":"b","granularity":1.5}"#),
+            "Parameter 'granularity' expects uint64"
+        );
+        assert_eq!(
+            err(&o, r#"{"node":"x","name":"b","granularity":-1}"#),
+            "Parameter 'granularity' expects uint32_t"
+        );
+        assert_eq!(
+            err(&o, r#"{"node":"x","name":"b","granularity":4294967296}"#),
+            "Parameter 'granularity' expects uint32_t"
+        );
+        assert_eq!(
+            err(&o, r#"{"node":"x","name":"b","persistent":1}"#),
+            "Invalid parameter type for 'persistent', expected: boolean"
+        );
+        assert_eq!(
+            err(&o, r#"{"node":"x","name":"b","foo":1}"#),
+            "Parameter 'foo' is unexpected"
+        );
+        assert!(check_args(
+            &o,
+            &parse(br#"{"node":"x","name":"b","granularity":65536}"#).unwrap()
+        )
+        .is_ok());
     }
 
     #[test]
     fn nested_names() {
-        let bm = ObjectType::new("BlockDirtyBitmap").member("node", Type::Str).member("name", Type::Str).into_type();
+        let bm = ObjectType::new("BlockDirtyBitmap")
+            .member("node", Type::Str)
+            .member("name", Type::Str)
+            .into_type();
         let alt = Type::alternate("BlockDirtyBitmapOrStr", vec![Type::Str, bm]);
         let merge = ObjectType::new("m")
             .member("node", Type::Str)
             .member("target", Type::Str)
             .member("bitmaps", Type::array(alt));
-        assert_eq!(err(&merge, r#"{"node":"x","target":"b","bitmaps":[1]}"#), "Invalid parameter type for 'null', expected: BlockDirtyBitmapOrStr");
-        assert_eq!(err(&merge, r#"{"node":"x","target":"b","bitmaps":{}}"#), "Invalid parameter type for 'bitmaps', expected: array");
-        assert_eq!(err(&merge, r#"{"node":"x","target":"b","bitmaps":[{"node":"a"}]}"#), "Parameter 'bitmaps[0].name' is missing");
-        let cache = ObjectType::new("c").optional("direct", Type::Bool).into_type();
+        assert_eq!(
+            err(&merge, r#"{"node":"x","target":"b","bitmaps":[1]}"#),
+            "Invalid parameter type for 'null', expected: BlockDirtyBitmapOrStr"
+        );
+        assert_eq!(
+            err(&merge, r#"{"node":"x","target":"b","bitmaps":{}}"#),
+            "Invalid parameter type for 'bitmaps', expected: array"
+        );
+        assert_eq!(
+            err(
+                &merge,
+                r#"{"node":"x","target":"b","bitmaps":[{"node":"a"}]}"#
+            ),
+            "Parameter 'bitmaps[0].name' is missing"
+        );
+        let cache = ObjectType::new("c")
+            .optional("direct", Type::Bool)
+            .into_type();
         let aio = Type::enumeration("BlockdevAioOptions", &["threads", "native"]);
-        let file = ObjectType::new("f").member("filename", Type::Str).optional("aio", aio).optional("cache", cache);
+        let file = ObjectType::new("f")
+            .member("filename", Type::Str)
+            .optional("aio", aio)
+            .optional("cache", cache);
         let add = ObjectType::new("BlockdevOptions")
-            .member("driver", Type::enumeration("BlockdevDriver", &["file", "null-co"]))
+            .member(
+                "driver",
+                Type::enumeration("BlockdevDriver", &["file", "null-co"]),
+            )
             .optional("node-name", Type::Str)
             .variants("driver", vec![("file".into(), file)]);
-        assert_eq!(err(&add, r#"{"driver":"nope"}"#), "Parameter 'driver' does not accept value 'nope'");
-        assert_eq!(err(&add, r#"{"driver":"file","filename":"x","aio":"x"}"#), "Parameter 'aio' does not accept value 'x'");
-        assert_eq!(err(&add, r#"{"driver":"file","filename":"x","cache":{"direct":"x"}}"#), "Invalid parameter type for 'cache.direct', expected: boolean");
-        assert_eq!(err(&add, r#"{"driver":"file","filename":"x","cache":{"zz":1}}"#), "Parameter 'cache.zz' is unexpected");
-        assert_eq!(err(&add, r#"{"driver":"file","filename":"x","cache":1}"#), "Invalid parameter type for 'cache', expected: object");
-        assert_eq!(err(&add, r#"{"node-name":"a"}"#), "Parameter 'driver' is missing");
-        assert_eq!(err(&add, r#"{"driver":"null-co","filename":"x"}"#), "Parameter 'filename' is unexpected");
+        assert_eq!(
+            err(&add, r#"{"driver":"nope"}"#),
+            "Parameter 'driver' does not accept value 'nope'"
+        );
+        assert_eq!(
+            err(&add, r#"{"driver":"file","filename":"x","aio":"x"}"#),
+            "Parameter 'aio' does not accept value 'x'"
+        );
+        assert_eq!(
+            err(
+                &add,
+                r#"{"driver":"file","filename":"x","cache":{"direct":"x"}}"#
+            ),
+            "Invalid parameter type for 'cache.direct', expected: boolean"
+        );
+        assert_eq!(
+            err(&add, r#"{"driver":"file","filename":"x","cache":{"zz":1}}"#),
+            "Parameter 'cache.zz' is unexpected"
+        );
+        assert_eq!(
+            err(&add, r#"{"driver":"file","filename":"x","cache":1}"#),
+            "Invalid parameter type for 'cache', expected: object"
+        );
+        assert_eq!(
+            err(&add, r#"{"node-name":"a"}"#),
+            "Parameter 'driver' is missing"
+        );
+        assert_eq!(
+            err(&add, r#"{"driver":"null-co","filename":"x"}"#),
+            "Parameter 'filename' is unexpected"
+        );
     }
 }

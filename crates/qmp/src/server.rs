@@ -102,7 +102,10 @@ impl Outbox {
         }
         let len = bytes.len();
         if self.pending.fetch_add(len, Ordering::SeqCst) + len > MAX_PENDING_OUTPUT {
-            tracing::warn!(monitor = self.id, "QMP client does not read its output; closing");
+            tracing::warn!(
+                monitor = self.id,
+                "QMP client does not read its output; closing"
+            );
             self.close();
             return;
         }
@@ -344,7 +347,11 @@ impl QmpServer {
     pub fn run_until_quit(&self) {
         let mut stop = lock(&self.inner.stop);
         while !*stop {
-            stop = self.inner.stop_cv.wait(stop).unwrap_or_else(|p| p.into_inner());
+            stop = self
+                .inner
+                .stop_cv
+                .wait(stop)
+                .unwrap_or_else(|p| p.into_inner());
         }
         drop(stop);
         self.close_all();
@@ -388,7 +395,9 @@ fn accept_loop(inner: &Arc<Inner>, mut accept: impl FnMut() -> io::Result<Stream
                     tracing::warn!("cannot start a QMP monitor: {e}");
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(20)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(20))
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 tracing::warn!("QMP accept failed: {e}");
@@ -412,23 +421,25 @@ fn start_monitor(inner: &Arc<Inner>, stream: Stream) -> io::Result<()> {
     let wout = out.clone();
     inner.active.fetch_add(1, Ordering::SeqCst);
     let winner = inner.clone();
-    let w = thread::Builder::new().name(format!("qmp-out-{id}")).spawn(move || {
-        while let Ok(m) = rx.recv() {
-            match m {
-                OutMsg::Data(d) => {
-                    wout.pending.fetch_sub(d.len(), Ordering::SeqCst);
-                    if writer.write_all(&d).is_err() {
-                        wout.closed.store(true, Ordering::SeqCst);
-                        break;
+    let w = thread::Builder::new()
+        .name(format!("qmp-out-{id}"))
+        .spawn(move || {
+            while let Ok(m) = rx.recv() {
+                match m {
+                    OutMsg::Data(d) => {
+                        wout.pending.fetch_sub(d.len(), Ordering::SeqCst);
+                        if writer.write_all(&d).is_err() {
+                            wout.closed.store(true, Ordering::SeqCst);
+                            break;
+                        }
                     }
+                    OutMsg::Close => break,
                 }
-                OutMsg::Close => break,
             }
-        }
-        let _ = writer.flush();
-        writer.shutdown();
-        winner.active.fetch_sub(1, Ordering::SeqCst);
-    });
+            let _ = writer.flush();
+            writer.shutdown();
+            winner.active.fetch_sub(1, Ordering::SeqCst);
+        });
     if let Err(e) = w {
         inner.active.fetch_sub(1, Ordering::SeqCst);
         return Err(e);

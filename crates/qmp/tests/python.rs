@@ -10,7 +10,10 @@ use std::process::Command;
 fn test_server() -> PathBuf {
     // target/<profile>/deps/<this test> -> target/<profile>/examples/
     let exe = std::env::current_exe().expect("current test binary path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target profile directory");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target profile directory");
     let server = dir.join("examples").join("qmp-test-server");
     assert!(
         server.exists(),
@@ -21,7 +24,9 @@ fn test_server() -> PathBuf {
 }
 
 fn script(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/qmp").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/qmp")
+        .join(name)
 }
 
 fn require_qemu_qmp() {
@@ -30,7 +35,10 @@ fn require_qemu_qmp() {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    assert!(ok, "python3 cannot import qemu.qmp: install it with `pip install qemu.qmp`");
+    assert!(
+        ok,
+        "python3 cannot import qemu.qmp: install it with `pip install qemu.qmp`"
+    );
 }
 
 fn run(script_name: &str, extra: &[&str]) {
@@ -58,7 +66,11 @@ fn qemu_qmp_client_conformance() {
 #[test]
 fn differential_against_qemu_storage_daemon() {
     let qsd = std::env::var("QEMU_STORAGE_DAEMON").unwrap_or_else(|_| "qemu-storage-daemon".into());
-    let found = Command::new(&qsd).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    let found = Command::new(&qsd)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     assert!(found, "{qsd} not found: install qemu-storage-daemon 10.x (Debian package qemu-system-common / qemu-utils) or set QEMU_STORAGE_DAEMON");
     run("differential.py", &[&qsd]);
 }

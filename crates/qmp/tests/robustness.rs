@@ -53,7 +53,10 @@ impl Client {
     }
     fn negotiated(path: &PathBuf) -> Client {
         let mut c = Client::connect(path);
-        assert_eq!(c.cmd(r#"{"execute":"qmp_capabilities"}"#), "{\"return\": {}}");
+        assert_eq!(
+            c.cmd(r#"{"execute":"qmp_capabilities"}"#),
+            "{\"return\": {}}"
+        );
         c
     }
     fn send(&mut self, b: &[u8]) {
@@ -88,9 +91,18 @@ fn huge_line_is_rejected_and_server_survives() {
     big.extend_from_slice(b"\"}\n{\"execute\":\"query-version\",\"id\":2}\n");
     let mut w = c.w.try_clone().unwrap();
     let t = std::thread::spawn(move || w.write_all(&big));
-    assert_eq!(c.line(), r#"{"error": {"class": "GenericError", "desc": "JSON token size limit exceeded"}}"#);
-    assert_eq!(c.line(), r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray 'A'"}}"#);
-    assert_eq!(c.line(), r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#);
+    assert_eq!(
+        c.line(),
+        r#"{"error": {"class": "GenericError", "desc": "JSON token size limit exceeded"}}"#
+    );
+    assert_eq!(
+        c.line(),
+        r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray 'A'"}}"#
+    );
+    assert_eq!(
+        c.line(),
+        r#"{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}"#
+    );
     assert!(c.line().contains("\"id\": 2"));
     t.join().unwrap().unwrap();
     alive(&path);
@@ -104,9 +116,15 @@ fn deep_nesting_and_invalid_utf8() {
     deep.extend(vec![b']'; 2000 - 1025]);
     deep.push(b'\n');
     c.send(&deep);
-    assert_eq!(c.line(), r#"{"error": {"class": "GenericError", "desc": "JSON nesting depth limit exceeded"}}"#);
+    assert_eq!(
+        c.line(),
+        r#"{"error": {"class": "GenericError", "desc": "JSON nesting depth limit exceeded"}}"#
+    );
     // the remaining 975 brackets form a new value once balanced
-    assert_eq!(c.line(), r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#);
+    assert_eq!(
+        c.line(),
+        r#"{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}"#
+    );
     c.send(b"\xff\xfe\x80{\"execute\":\"query-version\",\"id\":\"\xc3\x28\"}\n");
     let mut seen = Vec::new();
     for _ in 0..8 {
@@ -187,7 +205,10 @@ fn events_interleave_whole_and_only_after_negotiation() {
     s.events().emit("FROM_EMBEDDER", None);
     assert!(b.line().contains("FROM_EMBEDDER"));
     // the unnegotiated client got no events
-    assert_eq!(early.cmd(r#"{"execute":"qmp_capabilities","id":1}"#), "{\"return\": {}, \"id\": 1}");
+    assert_eq!(
+        early.cmd(r#"{"execute":"qmp_capabilities","id":1}"#),
+        "{\"return\": {}, \"id\": 1}"
+    );
 }
 
 #[test]
@@ -200,7 +221,8 @@ fn tcp_monitor_and_shutdown() {
     let mut g = String::new();
     r.read_line(&mut g).unwrap();
     assert!(g.starts_with("{\"QMP\""));
-    t.write_all(b"{\"execute\":\"qmp_capabilities\"}\r\n").unwrap();
+    t.write_all(b"{\"execute\":\"qmp_capabilities\"}\r\n")
+        .unwrap();
     g.clear();
     r.read_line(&mut g).unwrap();
     assert_eq!(g, "{\"return\": {}}\r\n");
@@ -219,7 +241,10 @@ fn quit_stops_run_until_quit() {
         std::thread::spawn(move || s.run_until_quit())
     };
     let mut c = Client::negotiated(&path);
-    assert_eq!(c.cmd(r#"{"execute":"quit","id":"q"}"#), "{\"return\": {}, \"id\": \"q\"}");
+    assert_eq!(
+        c.cmd(r#"{"execute":"quit","id":"q"}"#),
+        "{\"return\": {}, \"id\": \"q\"}"
+    );
     runner.join().unwrap();
     let mut rest = Vec::new();
     assert_eq!(c.r.read_to_end(&mut rest).unwrap_or(0), 0);
