@@ -463,6 +463,18 @@ fn run(ctx: &Context<'_>, req: &Json) -> Result<Json, QmpError> {
     let empty = Json::Object(Vec::new());
     let args = req.get("arguments").unwrap_or(&empty);
     check_args(&cmd.args, args).map_err(QmpError::generic)?;
+    // A panicking handler is a bug in the embedding program; it must not take
+    // the monitor (or the executor thread) down.
+    let call = std::panic::AssertUnwindSafe(|| call_handler(cmd, args, ctx));
+    std::panic::catch_unwind(call).unwrap_or_else(|_| {
+        tracing::error!(command = %name, "QMP command handler panicked");
+        Err(QmpError::generic(format!(
+            "Internal error in command {name}"
+        )))
+    })
+}
+
+fn call_handler(cmd: &Command, args: &Json, ctx: &Context<'_>) -> Result<Json, QmpError> {
     match &cmd.handler {
         HandlerKind::Raw(h) => h(args, ctx),
         HandlerKind::Serde(h) => {
@@ -629,6 +641,86 @@ mod tests {
                 r#"{"execute":"qmp_capabilities","arguments":{"enable":["x"]}}"#
             ),
             r#"{"error": {"class": "GenericError", "desc": "Parameter 'null' does not accept value 'x'"}}"#
+        );
+    }
+
+    #[test]
+    fn handler_panic_is_an_error() {
+        let mut reg = Registry::default();
+        reg.register(Command::new("boom", |_, _| panic!("handler bug")))
+            .unwrap();
+        let (out, ev, q) = session(&reg);
+        let s = |l: &str| send(&reg, &out, &ev, &q, l);
+        s(r#"{"execute":"qmp_capabilities"}"#);
+        assert_eq!(
+            s(r#"{"execute":"boom","id":1}"#),
+            r#"{"id": 1, "error": {"class": "GenericError", "desc": "Internal error in command boom"}}"#
+        );
+    }
+
+    #[test]
+    fn schema_shape() {
+        let mut reg = Registry::default();
+        let alt = Type::alternate("StrOrNull", vec![Type::Str, Type::Null]);
+        reg.register(
+            Command::new("x", |_, _| Ok(Value::Null))
+                .args(
+                    ObjectType::new("x-arg")
+                        .member("a", Type::enumeration("E", &["p", "q"]))
+                        .optional("b", Type::array(Type::Uint32))
+                        .feature("deprecated")
+                        .optional("c", alt),
+                )
+                .feature("unstable"),
+        )
+        .unwrap();
+        reg.register_event("EV", ObjectType::new("ev").member("id", Type::Str))
+            .unwrap();
+        let schema = reg.schema().to_serde();
+        let list = schema.as_array().unwrap();
+        let find = |n: &str| {
+            list.iter()
+                .find(|e| e["name"] == n)
+                .cloned()
+                .unwrap_or(Value::Null)
+        };
+        let x = find("x");
+        assert_eq!(x["meta-type"], "command");
+        assert_eq!(x["features"], serde_json::json!(["unstable"]));
+        assert!(x.get("allow-oob").is_none());
+        let ret = find(x["ret-type"].as_str().unwrap());
+        assert_eq!(ret["members"], serde_json::json!([]));
+        // all member-less objects share one name, as in QEMU
+        assert_eq!(find("quit")["arg-type"], x["ret-type"]);
+        assert_eq!(find("quit")["ret-type"], x["ret-type"]);
+        let args = find(x["arg-type"].as_str().unwrap());
+        assert_eq!(args["meta-type"], "object");
+        let m = args["members"].as_array().unwrap();
+        assert_eq!(m[0]["name"], "a");
+        assert!(m[0].get("default").is_none());
+        assert_eq!(
+            m[1],
+            serde_json::json!({"name": "b", "default": null, "type": "[int]", "features": ["deprecated"]})
+        );
+        let e = find(m[0]["type"].as_str().unwrap());
+        assert_eq!(
+            e,
+            serde_json::json!({"name": m[0]["type"], "meta-type": "enum", "members": [{"name": "p"}, {"name": "q"}], "values": ["p", "q"]})
+        );
+        assert_eq!(
+            find("[int]"),
+            serde_json::json!({"name": "[int]", "meta-type": "array", "element-type": "int"})
+        );
+        let alt = find(m[2]["type"].as_str().unwrap());
+        assert_eq!(alt["meta-type"], "alternate");
+        assert_eq!(
+            alt["members"],
+            serde_json::json!([{"type": "str"}, {"type": "null"}])
+        );
+        assert_eq!(find("EV")["meta-type"], "event");
+        assert_eq!(
+            find("int"),
+            serde_json::json!({"name": "int", "meta-type": "builtin", "json-type": "int"})
         );
     }
 }

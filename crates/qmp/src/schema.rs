@@ -72,6 +72,8 @@ pub struct Member {
     pub ty: Type,
     /// Whether the member may be absent.
     pub optional: bool,
+    /// Feature flags shown in `query-qmp-schema` (e.g. `deprecated`).
+    pub features: Vec<String>,
 }
 
 /// The variant part of a flat union: the discriminator is a base member of
@@ -119,6 +121,7 @@ impl ObjectType {
             name: name.into(),
             ty,
             optional: false,
+            features: Vec::new(),
         });
         self
     }
@@ -129,7 +132,17 @@ impl ObjectType {
             name: name.into(),
             ty,
             optional: true,
+            features: Vec::new(),
         });
+        self
+    }
+
+    /// Adds a feature flag (e.g. `deprecated`, `unstable`) to the member
+    /// added last.
+    pub fn feature(mut self, feature: impl Into<String>) -> Self {
+        if let Some(m) = self.members.last_mut() {
+            m.features.push(feature.into());
+        }
         self
     }
 
@@ -498,7 +511,13 @@ impl SchemaWriter {
     }
 
     fn object_name(&mut self, o: &Arc<ObjectType>) -> String {
-        let (name, new) = self.fresh(Arc::as_ptr(o) as *const u8 as usize);
+        // QEMU introspects every member-less struct as one shared type.
+        let key = if o.members.is_empty() && o.variants.is_none() {
+            0
+        } else {
+            Arc::as_ptr(o) as *const u8 as usize
+        };
+        let (name, new) = self.fresh(key);
         if new {
             let slot = self.types.len();
             self.types.push(Json::Null);
@@ -510,6 +529,12 @@ impl SchemaWriter {
                     e.push(("default", Json::Null));
                 }
                 e.push(("type", s(&t)));
+                if !m.features.is_empty() {
+                    e.push((
+                        "features",
+                        Json::Array(m.features.iter().map(|f| s(f)).collect()),
+                    ));
+                }
                 members.push(obj(e));
             }
             let mut e = vec![("name", s(&name)), ("members", Json::Array(members))];
