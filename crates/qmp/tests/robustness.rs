@@ -241,11 +241,13 @@ fn quit_stops_run_until_quit() {
         std::thread::spawn(move || s.run_until_quit())
     };
     let mut c = Client::negotiated(&path);
-    assert_eq!(
-        c.cmd(r#"{"execute":"quit","id":"q"}"#),
-        "{\"return\": {}, \"id\": \"q\"}"
-    );
-    runner.join().unwrap();
+    // input after `quit` must not turn the close into a connection reset
+    c.send(b"{\"execute\":\"quit\",\"id\":\"q\"}\n{\"execute\":\"query-version\"}\n\n");
+    assert_eq!(c.line(), "{\"return\": {}, \"id\": \"q\"}");
     let mut rest = Vec::new();
-    assert_eq!(c.r.read_to_end(&mut rest).unwrap_or(0), 0);
+    c.r.read_to_end(&mut rest)
+        .expect("orderly EOF, not a reset");
+    assert!(rest.is_empty(), "{rest:?}");
+    drop(c);
+    runner.join().unwrap();
 }

@@ -75,8 +75,11 @@ SESSION = [
     b'{"execute":"query-named-block-nodes","arguments":{"flat":"yes"},"id":19}\n',
     b'{"execute":"block_resize","arguments":{"node-name":"x"},"id":20}\n',
     b'{"execute":"block_resize","arguments":{"node-name":"x","size":"1"},"id":21}\n',
-    b'{"execute":"quit","id":"bye"}\n',
 ]
+SENTINEL = b'{"execute":"query-version","id":"sentinel"}\n'
+# no newline: QEMU reads input byte by byte and would leave it unread at exit,
+# which resets the connection before the response can be read
+QUIT = b'{"execute":"quit","id":"bye"}'
 
 
 def wait_for(path, proc):
@@ -92,22 +95,20 @@ def wait_for(path, proc):
 def transcript(path):
     s = socket.socket(socket.AF_UNIX)
     s.connect(path)
-    s.settimeout(5)
+    s.settimeout(30)
     f = s.makefile("rb")
     out = [f.readline()]
-    buf = b""
-    for line in SESSION:
-        s.sendall(line)
-    # read until EOF (quit closes the connection)
+    s.sendall(b"".join(SESSION) + SENTINEL)
     while True:
-        try:
-            chunk = s.recv(1 << 16)
-        except socket.timeout:
+        line = f.readline()
+        out.append(line)
+        if not line or b'"sentinel"' in line:
             break
-        if not chunk:
-            break
-        buf += chunk
-    out += buf.split(b"\r\n")
+    s.sendall(QUIT)
+    try:
+        out += f.readlines()
+    except ConnectionResetError:
+        out.append(b"<connection reset>")
     s.close()
     return out
 
