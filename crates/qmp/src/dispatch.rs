@@ -66,6 +66,25 @@ impl Command {
         }
     }
 
+    /// A command whose arguments deserialize into `A` (after the schema
+    /// check, so use the same member names, e.g. with
+    /// `#[serde(rename_all = "kebab-case")]`) and whose result serializes
+    /// from `R` (`()` answers `{}`).
+    pub fn typed<A, R, F>(name: impl Into<String>, f: F) -> Self
+    where
+        A: serde::de::DeserializeOwned,
+        R: serde::Serialize,
+        F: Fn(A, &Context<'_>) -> Result<R, QmpError> + Send + Sync + 'static,
+    {
+        Command::new(name, move |args, ctx| {
+            let a: A = serde_json::from_value(Value::Object(args.clone()))
+                .map_err(|e| QmpError::generic(format!("Invalid arguments: {e}")))?;
+            let r = f(a, ctx)?;
+            serde_json::to_value(r)
+                .map_err(|e| QmpError::generic(format!("Cannot encode the result: {e}")))
+        })
+    }
+
     fn raw(
         name: &str,
         handler: impl Fn(&Json, &Context<'_>) -> Result<Json, QmpError> + Send + Sync + 'static,
@@ -722,5 +741,51 @@ mod tests {
             find("int"),
             serde_json::json!({"name": "int", "meta-type": "builtin", "json-type": "int"})
         );
+    }
+
+    #[test]
+    fn typed_commands() {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "kebab-case")]
+        struct Args {
+            node_name: String,
+            size: Option<u64>,
+        }
+        #[derive(serde::Serialize)]
+        struct Ret {
+            node: String,
+            size: u64,
+        }
+        let mut reg = Registry::default();
+        reg.register(
+            Command::typed("resize", |a: Args, _| {
+                Ok(Ret {
+                    node: a.node_name,
+                    size: a.size.unwrap_or(0),
+                })
+            })
+            .args(
+                ObjectType::new("r")
+                    .member("node-name", Type::Str)
+                    .optional("size", Type::Uint64),
+            )
+            .returns(
+                ObjectType::new("R")
+                    .member("node", Type::Str)
+                    .member("size", Type::Int)
+                    .into_type(),
+            ),
+        )
+        .unwrap();
+        reg.register(Command::typed("unit", |_: Map<String, Value>, _| Ok(())))
+            .unwrap();
+        let (out, ev, q) = session(&reg);
+        let s = |l: &str| send(&reg, &out, &ev, &q, l);
+        s(r#"{"execute":"qmp_capabilities"}"#);
+        assert_eq!(
+            s(r#"{"execute":"resize","arguments":{"node-name":"n","size":5}}"#),
+            r#"{"return": {"size": 5, "node": "n"}}"#
+        );
+        assert_eq!(s(r#"{"execute":"unit"}"#), r#"{"return": {}}"#);
     }
 }

@@ -117,6 +117,17 @@ async def many_clients(address, n=100):
     check(f"{n} clients in bounded time", time.time() - t < 30)
 
 
+def qmp_shell_session(path):
+    script = "query-version\nblock-dirty-bitmap-add node=x\nquery-named-block-nodes flat=true\n"
+    r = subprocess.run([sys.executable, "-m", "qemu.qmp.qmp_shell", path], input=script,
+                       capture_output=True, text=True, timeout=30)
+    out = r.stdout
+    check("qmp-shell connects", "Connected to QEMU 10.0.2" in out, out)
+    check("qmp-shell runs a command", '"major": 10' in out, out)
+    check("qmp-shell shows errors", "Parameter 'name' is missing" in out, out)
+    check("qmp-shell passes typed arguments", '{"return": []}' in out, out)
+
+
 async def quit_session(address):
     qmp = QMPClient("quitter")
     await qmp.connect(address)
@@ -140,6 +151,7 @@ def main():
             asyncio.run(async_session(path))
             asyncio.run(async_session(tcp))
             legacy_session(path)
+            qmp_shell_session(path)
             asyncio.run(many_clients(path))
             asyncio.run(quit_session(path))
             p.wait(timeout=10)
