@@ -76,6 +76,16 @@ SESSION = [
     b'{"execute":"block_resize","arguments":{"node-name":"x"},"id":20}\n',
     b'{"execute":"block_resize","arguments":{"node-name":"x","size":"1"},"id":21}\n',
 ]
+# a second monitor session with out-of-band execution enabled
+SESSION_OOB = [
+    b'{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}\n',
+    b'{"exec-oob":"query-version","id":1}\n',
+    b'{"execute":"query-version","exec-oob":"query-version","id":2}\n',
+    b'{"exec-oob":1,"id":3}\n',
+    b'{"exec-oob":"nope","id":4}\n',
+    b'{"execute":"query-version","id":5}\n',
+    b'{"exec-oob":"query-version","arguments":{"x":1}}\n',
+]
 SENTINEL = b'{"execute":"query-version","id":"sentinel"}\n'
 # no newline: QEMU reads input byte by byte and would leave it unread at exit,
 # which resets the connection before the response can be read
@@ -92,18 +102,21 @@ def wait_for(path, proc):
     raise SystemExit(f"no socket from {proc.args}")
 
 
-def transcript(path):
+def transcript(path, session, quit):
     s = socket.socket(socket.AF_UNIX)
     s.connect(path)
     s.settimeout(30)
     f = s.makefile("rb")
     out = [f.readline()]
-    s.sendall(b"".join(SESSION) + SENTINEL)
+    s.sendall(b"".join(session) + SENTINEL)
     while True:
         line = f.readline()
         out.append(line)
         if not line or b'"sentinel"' in line:
             break
+    if not quit:
+        s.close()
+        return out
     s.sendall(QUIT)
     try:
         out += f.readlines()
@@ -138,8 +151,8 @@ def main():
         try:
             wait_for(qpath, qp)
             wait_for(spath, sp)
-            a = normalise(transcript(qpath))
-            b = normalise(transcript(spath))
+            a = normalise(transcript(qpath, SESSION_OOB, False) + transcript(qpath, SESSION, True))
+            b = normalise(transcript(spath, SESSION_OOB, False) + transcript(spath, SESSION, True))
         finally:
             for p in (qp, sp):
                 try:
