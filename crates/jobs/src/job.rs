@@ -472,14 +472,42 @@ impl Job {
         Ok(())
     }
 
-    /// Ends an internal (drain) pause taken at start.
+    /// Drops a job that was created but never started (a transaction that failed):
+    /// its driver undoes its setup and the job goes from created to null.
+    pub fn discard(&self) {
+        let mut st = self.lock();
+        if st.status != JobStatus::Created {
+            return;
+        }
+        drop(st);
+        self.driver.abort();
+        self.driver.clean();
+        st = self.lock();
+        self.transition(&mut st, JobStatus::Null);
+    }
+
+    /// Ends the drained section a job was started in: waits until the job has
+    /// paused at its first pause point, releases it, and waits until it runs again,
+    /// so that the events come in QEMU's order before the starting command returns.
     pub fn end_drain(&self) {
         let mut st = self.lock();
-        if st.drained {
-            st.drained = false;
-            st.pause_count -= 1;
-            self.cv.notify_all();
+        if !st.drained {
+            return;
         }
+        while st.status != JobStatus::Paused && !st.cancelled && st.status != JobStatus::Null {
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.drained = false;
+        st.pause_count -= 1;
+        self.cv.notify_all();
+        while st.status == JobStatus::Paused && st.pause_count == 0 && !st.cancelled {
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Sets the progress total (known at creation for backups).
+    pub fn set_total(&self, total: u64) {
+        self.lock().total = total;
     }
 
     /// Waits until the job reaches `Concluded` or `Null`.

@@ -5,7 +5,9 @@
 //! * [`schema`]: QAPI-like types and argument checking with QEMU's texts;
 //! * [`dispatch`]: the command [`Registry`] with the built-in commands;
 //! * [`events`]: the [`EventSender`] broadcaster;
-//! * [`server`]: [`QmpServer`], monitors on unix and TCP sockets.
+//! * [`server`]: [`QmpServer`], monitors on unix and TCP sockets;
+//! * [`blockdev`]: the block-layer commands (nodes, bitmaps, jobs, backup) that the
+//!   storage daemon and the VMM register.
 //!
 //! An embedding program builds a [`Registry`], registers its commands with
 //! [`Command`] and an argument [`ObjectType`], then serves it:
@@ -28,6 +30,7 @@
 //! server.run_until_quit();
 //! ```
 
+pub mod blockdev;
 pub mod dispatch;
 pub mod error;
 pub mod events;

@@ -281,6 +281,7 @@ impl Qcow2 {
         }
         let len = (k * cs) as usize;
         if let Some(h) = in_place {
+            m.check_in_image(h + (k - 1) * cs, "Data cluster")?;
             m.check_overlap(h, k * cs, "guest data")?;
             drop(m);
             self.st.write_at(&data[..len], h)?;
@@ -349,6 +350,7 @@ impl Qcow2 {
         if entry & OFLAG_COPIED != 0 {
             if let ClusterType::Normal(h) = classify(entry, self.geo.cluster_bits, self.geo.ext) {
                 if !self.geo.ext || bitmap & touched == touched {
+                    m.check_in_image(h, "Data cluster")?;
                     m.check_overlap(h + in_off, data.len() as u64, "guest data")?;
                     drop(m);
                     return self.st.write_at(data, h + in_off);
@@ -402,6 +404,7 @@ impl Qcow2 {
         };
         let fresh_from = m.end_cluster;
         let host = if reuse {
+            m.check_in_image(host, "Data cluster")?;
             m.check_overlap(host, cs, "guest data")?;
             host
         } else {
@@ -442,10 +445,14 @@ impl Qcow2 {
                 (base | touched) & !(touched << 32),
             )
         };
-        let r = if (w_start == in_off && w_end == in_off + data.len() as u64)
-            || (fresh && old_reads_zero)
-        {
+        let r = if w_start == in_off && w_end == in_off + data.len() as u64 {
             self.st.write_at(data, host + in_off)
+        } else if fresh && old_reads_zero {
+            // As QEMU does for copy-on-write from zeroes: make the written part of
+            // the cluster read as zero cheaply, then write the data.
+            self.st
+                .write_zeroes(host + w_start, w_end - w_start, false)
+                .and_then(|()| self.st.write_at(data, host + in_off))
         } else {
             let mut buf = vec![0u8; (w_end - w_start) as usize];
             let head = (in_off - w_start) as usize;

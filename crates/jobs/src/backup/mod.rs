@@ -324,6 +324,7 @@ pub fn create_backup(
         // The copy bitmap is the user bitmap as it was at the start.
         bcs.restrict_to(&b.dirty_ranges());
     }
+    job.set_total(bcs.remaining_bytes());
     Ok(job)
 }
 

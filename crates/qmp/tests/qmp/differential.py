@@ -108,15 +108,20 @@ def transcript(path, session, quit):
     s.settimeout(30)
     f = s.makefile("rb")
     out = [f.readline()]
+    if not quit:
+        # out-of-band replies may overtake in-band ones by design (in QEMU
+        # too), so this session goes one request and one reply at a time
+        for line in session:
+            s.sendall(line)
+            out.append(f.readline())
+        s.close()
+        return out
     s.sendall(b"".join(session) + SENTINEL)
     while True:
         line = f.readline()
         out.append(line)
         if not line or b'"sentinel"' in line:
             break
-    if not quit:
-        s.close()
-        return out
     s.sendall(QUIT)
     try:
         out += f.readlines()
