@@ -71,6 +71,6 @@ fn differential_against_qemu_storage_daemon() {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    assert!(found, "{qsd} not found: install qemu-storage-daemon 10.x (Debian package qemu-system-common / qemu-utils) or set QEMU_STORAGE_DAEMON");
+    assert!(found, "{qsd} not found: install qemu-storage-daemon 10.x (Debian package qemu-utils) or set QEMU_STORAGE_DAEMON");
     run("differential.py", &[&qsd]);
 }
