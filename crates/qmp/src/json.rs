@@ -827,4 +827,85 @@ mod tests {
         }
         assert_eq!(out, msgs(input));
     }
+
+    /// A small deterministic generator (xorshift) for the randomised test.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    #[test]
+    fn random_input_never_panics_and_chunking_does_not_matter() {
+        const PIECES: &[&[u8]] = &[
+            b"{",
+            b"}",
+            b"[",
+            b"]",
+            b":",
+            b",",
+            b"\"",
+            b"'",
+            b"\\",
+            b"\\u",
+            b"d800",
+            b"00e9",
+            b"1",
+            b"-",
+            b"0",
+            b".",
+            b"e",
+            b"+",
+            b"true",
+            b"nul",
+            b"x",
+            b" ",
+            b"\n",
+            b"\t",
+            b"\x01",
+            b"\xff",
+            b"\xc3\xa9",
+            b"\xed\xa0\x80",
+            b"\xc0\x80",
+            b"\"execute\"",
+            b"\"id\"",
+            b"{\"execute\":\"q\",\"id\":1}",
+            b"\x00",
+            b"\xf0\x9f\x98\x80",
+        ];
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..3000 {
+            let mut input = Vec::new();
+            for _ in 0..rng.below(40) {
+                input.extend_from_slice(PIECES[rng.below(PIECES.len())]);
+            }
+            let whole = msgs(&input);
+            let mut s = JsonStreamer::new();
+            let mut split = Vec::new();
+            let mut pos = 0;
+            while pos < input.len() {
+                let n = 1 + rng.below(7).min(input.len() - pos - 1);
+                s.feed(&input[pos..pos + n], &mut split);
+                pos += n;
+            }
+            assert_eq!(whole, split, "input {input:?}");
+            for m in whole.iter().flatten() {
+                // everything parsed prints as ASCII, and printing is a fixed
+                // point (floats like 1e11 come back as integers, as in QEMU)
+                let text = crate::output::to_json_string(m);
+                assert!(text.is_ascii());
+                if !text.contains("inf") && !text.contains("nan") {
+                    let again = parse(text.as_bytes()).expect("output parses");
+                    assert_eq!(crate::output::to_json_string(&again), text);
+                }
+            }
+        }
+    }
 }
