@@ -231,6 +231,90 @@ impl Context<'_> {
     }
 }
 
+/// QEMU's `SchemaInfo` (qapi/introspect.json), the element type of
+/// `query-qmp-schema`'s result.
+fn schema_info_type() -> Type {
+    let features = || Type::array(Type::Str);
+    let meta = Type::enumeration(
+        "SchemaMetaType",
+        &[
+            "builtin",
+            "enum",
+            "array",
+            "object",
+            "alternate",
+            "command",
+            "event",
+        ],
+    );
+    let json_type = Type::enumeration(
+        "JSONType",
+        &[
+            "string", "number", "int", "boolean", "null", "object", "array", "value",
+        ],
+    );
+    let enum_member = ObjectType::new("SchemaInfoEnumMember")
+        .member("name", Type::Str)
+        .optional("features", features());
+    let object_member = ObjectType::new("SchemaInfoObjectMember")
+        .member("name", Type::Str)
+        .member("type", Type::Str)
+        .optional("default", Type::Any)
+        .optional("features", features());
+    let variant = ObjectType::new("SchemaInfoObjectVariant")
+        .member("case", Type::Str)
+        .member("type", Type::Str);
+    let alt_member = ObjectType::new("SchemaInfoAlternateMember").member("type", Type::Str);
+    ObjectType::new("SchemaInfo")
+        .member("name", Type::Str)
+        .member("meta-type", meta)
+        .optional("features", features())
+        .variants(
+            "meta-type",
+            vec![
+                (
+                    "builtin".into(),
+                    ObjectType::new("SchemaInfoBuiltin").member("json-type", json_type),
+                ),
+                (
+                    "enum".into(),
+                    ObjectType::new("SchemaInfoEnum")
+                        .member("members", Type::array(enum_member.into_type()))
+                        .member("values", Type::array(Type::Str))
+                        .feature("deprecated"),
+                ),
+                (
+                    "array".into(),
+                    ObjectType::new("SchemaInfoArray").member("element-type", Type::Str),
+                ),
+                (
+                    "object".into(),
+                    ObjectType::new("SchemaInfoObject")
+                        .member("members", Type::array(object_member.into_type()))
+                        .optional("tag", Type::Str)
+                        .optional("variants", Type::array(variant.into_type())),
+                ),
+                (
+                    "alternate".into(),
+                    ObjectType::new("SchemaInfoAlternate")
+                        .member("members", Type::array(alt_member.into_type())),
+                ),
+                (
+                    "command".into(),
+                    ObjectType::new("SchemaInfoCommand")
+                        .member("arg-type", Type::Str)
+                        .member("ret-type", Type::Str)
+                        .optional("allow-oob", Type::Bool),
+                ),
+                (
+                    "event".into(),
+                    ObjectType::new("SchemaInfoEvent").member("arg-type", Type::Str),
+                ),
+            ],
+        )
+        .into_type()
+}
+
 fn version_type() -> Type {
     let triple = ObjectType::new("VersionTriple")
         .member("major", Type::Int)
@@ -278,12 +362,7 @@ impl Registry {
             })
             .returns(Type::array(ObjectType::new("CommandInfo").member("name", Type::Str).into_type())),
             Command::raw("query-qmp-schema", |_, ctx| Ok(ctx.registry.schema()))
-                .returns(Type::array(
-                    ObjectType::new("SchemaInfo")
-                        .member("name", Type::Str)
-                        .member("meta-type", Type::Str)
-                        .into_type(),
-                )),
+                .returns(Type::array(schema_info_type())),
             Command::raw("quit", |_, ctx| {
                 ctx.request_quit();
                 Ok(Json::Object(vec![]))

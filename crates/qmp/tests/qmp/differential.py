@@ -5,6 +5,7 @@ after normalising the version package string and the command list.
 
 usage: differential.py STRATA_TEST_SERVER [QSD_BINARY]
 """
+import json
 import os
 import re
 import socket
@@ -131,6 +132,65 @@ def transcript(path, session, quit):
     return out
 
 
+def schema(path):
+    """query-qmp-schema as {name: entry}."""
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.settimeout(30)
+    f = s.makefile("rb")
+    f.readline()
+    s.sendall(b'{"execute":"qmp_capabilities"}\n')
+    f.readline()
+    s.sendall(b'{"execute":"query-qmp-schema"}\n')
+    entries = json.loads(f.readline())["return"]
+    s.close()
+    return {e["name"]: e for e in entries}
+
+
+def canon(sch, name, depth=0):
+    """An entity with the opaque type numbers resolved into structure."""
+    e = sch.get(name)
+    if e is None or depth > 8:
+        return name
+    mt = e["meta-type"]
+    if mt == "builtin":
+        return name
+    if mt == "array":
+        return ["array", canon(sch, e["element-type"], depth + 1)]
+    if mt == "enum":
+        return ["enum", e["values"]]
+    if mt == "alternate":
+        return ["alternate", [canon(sch, m["type"], depth + 1) for m in e["members"]]]
+    if mt == "object":
+        return ["object",
+                [(m["name"], "default" in m, canon(sch, m["type"], depth + 1), m.get("features"))
+                 for m in e["members"]],
+                e.get("tag"),
+                [(v["case"], canon(sch, v["type"], depth + 1)) for v in e.get("variants", [])]]
+    return [mt, canon(sch, e["arg-type"], depth + 1), canon(sch, e.get("ret-type", ""), depth + 1),
+            e.get("allow-oob"), e.get("features")]
+
+
+# commands whose whole introspection (arguments and return type) must match
+SCHEMA_SAME = ["qmp_capabilities", "query-version", "query-commands", "query-qmp-schema", "quit"]
+# test-server commands that copy QEMU's argument schema (their return types are stubs)
+SCHEMA_SAME_ARGS = ["block-dirty-bitmap-add", "block-dirty-bitmap-merge", "block_resize",
+                    "query-named-block-nodes"]
+
+
+def compare_schemas(qpath, spath):
+    a, b = schema(qpath), schema(spath)
+    bad = 0
+    for name in SCHEMA_SAME + SCHEMA_SAME_ARGS:
+        x, y = canon(a, name), canon(b, name)
+        if name in SCHEMA_SAME_ARGS:
+            x, y = x[1], y[1]
+        if x != y:
+            bad += 1
+            print(f"schema of {name}:\n  qsd:    {x}\n  strata: {y}")
+    return len(SCHEMA_SAME) + len(SCHEMA_SAME_ARGS) - bad, bad
+
+
 def normalise(lines):
     res = []
     for l in lines:
@@ -156,6 +216,7 @@ def main():
         try:
             wait_for(qpath, qp)
             wait_for(spath, sp)
+            schema_ok, schema_bad = compare_schemas(qpath, spath)
             a = normalise(transcript(qpath, SESSION_OOB, False) + transcript(qpath, SESSION, True))
             b = normalise(transcript(spath, SESSION_OOB, False) + transcript(spath, SESSION, True))
         finally:
@@ -172,7 +233,8 @@ def main():
         if x != y:
             bad += 1
             print(f"line {i}:\n  qsd:    {x[:300]!r}\n  strata: {y[:300]!r}")
-    print(f"{len(a) - bad} passed, {bad} failed")
+    print(f"{len(a) - bad + schema_ok} passed, {bad + schema_bad} failed")
+    bad += schema_bad
     return 1 if bad else 0
 
 
