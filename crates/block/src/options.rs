@@ -474,23 +474,10 @@ fn parse_inject(
 /// syntax: commas in values are doubled; a key without `=` is an error).
 pub fn keyval_to_json(s: &str) -> BlockResult<Value> {
     let mut root = Map::new();
-    let mut pairs = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                pairs.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    pairs.push(cur);
-    for p in pairs.into_iter().filter(|p| !p.is_empty()) {
+    for p in strata_image::split_options(s)
+        .into_iter()
+        .filter(|p| !p.is_empty())
+    {
         let (k, v) = p
             .split_once('=')
             .ok_or_else(|| BlockError::generic(format!("Expected '=' after parameter '{p}'")))?;
