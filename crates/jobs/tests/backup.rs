@@ -441,3 +441,83 @@ fn guest_write_fails_or_breaks_snapshot_when_cbw_fails() {
         assert!(g.close_all().is_empty());
     }
 }
+
+fn image_with_backing(dir: &std::path::Path, name: &str, backing: &str) -> String {
+    let p = dir.join(name);
+    create_image(
+        &p,
+        Format::Qcow2,
+        &CreateOptions {
+            size: Some(SIZE),
+            backing_file: Some(backing.into()),
+            backing_fmt: Some("qcow2".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn sync_top_copies_only_the_top_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let base_path = image(dir.path(), "base.qcow2");
+    {
+        let g = BlockGraph::new();
+        let base = node(&g, "base", &base_path);
+        base.write(&vec![5u8; SIZE as usize], 0).unwrap();
+        assert!(g.close_all().is_empty());
+    }
+    let g = Arc::new(BlockGraph::new());
+    let top = node(
+        &g,
+        "top",
+        &image_with_backing(dir.path(), "top.qcow2", "base.qcow2"),
+    );
+    top.write(&[6u8; 65536], 3 << 20).unwrap();
+    let tgt = node(
+        &g,
+        "tgt",
+        &image_with_backing(dir.path(), "tgt.qcow2", "base.qcow2"),
+    );
+    let jobs = JobManager::new(Arc::new(Events::default()));
+    let job = create_backup(
+        &g,
+        &jobs,
+        params(top.clone(), tgt.clone(), SyncMode::Top, 0),
+    )
+    .unwrap();
+    jobs.start(&job, false).unwrap();
+    job.wait_concluded();
+    assert!(job.error().is_none());
+    assert!(tgt.io().block_status(3 << 20, 65536).unwrap().allocated);
+    assert!(
+        !tgt.io().block_status(0, 65536).unwrap().allocated,
+        "base data not copied"
+    );
+    assert_eq!(read_all(&tgt), read_all(&top));
+    assert!(g.close_all().is_empty());
+}
+
+#[test]
+fn compressed_backup_and_discard_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = Arc::new(BlockGraph::new());
+    let src = node(&g, "src", &image(dir.path(), "src.qcow2"));
+    let data: Vec<u8> = (0..SIZE).map(|i| (i / 1000) as u8).collect();
+    src.write(&data, 0).unwrap();
+    let tgt = node(&g, "tgt", &image(dir.path(), "tgt.qcow2"));
+    let jobs = JobManager::new(Arc::new(Events::default()));
+    let mut p = params(src.clone(), tgt.clone(), SyncMode::Full, 0);
+    p.compress = true;
+    p.discard_source = true;
+    let job = create_backup(&g, &jobs, p).unwrap();
+    jobs.start(&job, false).unwrap();
+    job.wait_concluded();
+    assert!(job.error().is_none(), "{:?}", job.error());
+    assert!(tgt.io().block_status(0, 65536).unwrap().compressed);
+    assert_eq!(read_all(&tgt), data);
+    // The source's clusters were discarded once copied.
+    assert!(read_all(&src).iter().all(|&b| b == 0));
+    assert!(g.close_all().is_empty());
+}
