@@ -101,12 +101,19 @@ impl DirtyBitmap {
     pub fn new(name: Option<String>, granularity: u64, disk_size: u64) -> BlockResult<Arc<Self>> {
         check_granularity(granularity)?;
         let nbits = disk_size.div_ceil(granularity);
+        let nwords = usize::try_from(nbits.div_ceil(64))
+            .map_err(|_| BlockError::generic("Cannot allocate memory for the bitmap"))?;
+        let mut words = Vec::new();
+        words
+            .try_reserve_exact(nwords)
+            .map_err(|_| BlockError::generic("Cannot allocate memory for the bitmap"))?;
+        words.resize(nwords, 0);
         Ok(Arc::new(DirtyBitmap {
             state: Mutex::new(State {
                 name,
                 granularity,
                 disk_size,
-                words: vec![0; nbits.div_ceil(64) as usize],
+                words,
                 set_bits: 0,
                 enabled: true,
                 persistent: false,
