@@ -230,6 +230,11 @@ pub fn validate(p: &BackupParams) -> Result<u64, String> {
     let cluster = DEFAULT_CLUSTER
         .max(p.target.io().cluster_size().unwrap_or(0))
         .max(mcs);
+    if p.source.size().div_ceil(cluster) > 1 << 33 {
+        return Err(
+            "The source is too large for the backup cluster size (use min-cluster-size)".into(),
+        );
+    }
     if p.perf.max_chunk != 0 && (p.perf.max_chunk as u64) < cluster {
         return Err(format!(
             "Required max-chunk ({}) is less than backup cluster size ({cluster})",
