@@ -398,12 +398,15 @@ impl BackupJob {
                 let res_tx = res_tx.clone();
                 let task_rx = &task_rx;
                 let bcs = &self.bcs;
-                s.spawn(move || loop {
-                    let t = task_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                    let Ok((f, n, epoch)) = t else { break };
-                    let r = bcs.copy_clusters(f, n);
-                    if res_tx.send(((f, n, epoch), r)).is_err() {
-                        break;
+                s.spawn(move || {
+                    let mut scratch = Vec::new();
+                    loop {
+                        let t = task_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok((f, n, epoch)) = t else { break };
+                        let r = bcs.copy_clusters_with(f, n, &mut scratch);
+                        if res_tx.send(((f, n, epoch), r)).is_err() {
+                            break;
+                        }
                     }
                 });
             }
