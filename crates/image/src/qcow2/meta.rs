@@ -478,6 +478,9 @@ impl Meta {
     /// refcount blocks describing it go after everything else in the file.
     fn grow_reftable(&mut self, st: &dyn Storage, min_rbi: u64) -> Result<()> {
         let cs = self.geo.cs;
+        if (min_rbi + 1).saturating_mul(8) > super::header::MAX_REFTABLE_BYTES {
+            return Err(Error::NoSpace("Refcount table would grow too large".into()));
+        }
         let e = self.geo.rb_entries;
         let start = self.end_cluster.max(1);
         let mut entries = (min_rbi + 1).max(self.rc_table.len() as u64 * 2).max(1);
