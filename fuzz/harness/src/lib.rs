@@ -29,8 +29,11 @@ pub use open::qcow2_open;
 /// get an error from the storage, never more memory.
 pub const STORAGE_LIMIT: u64 = 64 << 20;
 
+/// A target's entry point: takes the fuzzer input, panics when an invariant breaks.
+pub type Target = fn(&[u8]);
+
 /// Every fuzz target by name, with its entry point (what the regression replay iterates).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("qcow2_open", qcow2_open),
     ("qcow2_model", qcow2_model),
     ("raw_model", raw_model),

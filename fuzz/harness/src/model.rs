@@ -27,8 +27,9 @@ use strata_image::{
 use crate::pattern;
 use crate::STORAGE_LIMIT;
 
-/// Largest virtual disk the model targets create, in 512-byte sectors (4 MiB).
-const MAX_SECTORS: u64 = 8192;
+/// Largest virtual disk the model targets create, in 512-byte sectors (1 MiB): 16
+/// clusters of 64 KiB, or 32 L2 tables' worth of 512-byte clusters.
+const MAX_SECTORS: u64 = 2048;
 /// Most operations run per input.
 const MAX_OPS: usize = 64;
 

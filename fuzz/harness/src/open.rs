@@ -22,6 +22,10 @@ use crate::STORAGE_LIMIT;
 pub const SCRIPT_BYTES: usize = 96;
 /// Longest single request the script issues.
 const MAX_REQUEST: u64 = 256 << 10;
+/// Largest size a resize asks for.
+const MAX_RESIZE: u64 = 1 << 30;
+/// Most growth a resize preallocates.
+const MAX_PREALLOC: u64 = 4 << 20;
 /// Size of the raw backing node offered to images that name a backing file.
 const BACKING_SIZE: usize = 64 << 10;
 
@@ -123,11 +127,13 @@ fn run_script(img: &dyn FormatDriver, script: &[u8], read_only: bool) {
                 false
             }
             6 => {
-                let shift = s.u8() % 40;
-                let new_size = (u64::from(s.u32()) << shift) & !511;
+                // Up to 1 GiB: bigger sizes only make the L1 table (and each run)
+                // bigger. Preallocation only for small growth, for the same reason.
+                let shift = s.u8() % 32;
+                let new_size = ((u64::from(s.u32()) << shift) & !511).min(MAX_RESIZE);
                 let prealloc = match s.u8() % 8 {
-                    0 => Preallocation::Metadata,
-                    1 => Preallocation::Falloc,
+                    0 if new_size < size + MAX_PREALLOC => Preallocation::Metadata,
+                    1 if new_size < size + MAX_PREALLOC => Preallocation::Falloc,
                     _ => Preallocation::Off,
                 };
                 img.resize(new_size, prealloc).is_ok()
