@@ -104,6 +104,49 @@ pub struct Qcow2Specific {
     pub data_file: Option<String>,
     /// The data file is raw (`data-file-raw`).
     pub data_file_raw: Option<bool>,
+    /// Persistent dirty bitmaps (absent when the image has none).
+    pub bitmaps: Option<Vec<BitmapInfo>>,
+}
+
+/// A persistent dirty bitmap with its data, as a format stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBitmap {
+    /// Bitmap name (unique in the image).
+    pub name: String,
+    /// Bytes of disk per bit (a power of two, 512 B to 2 GiB).
+    pub granularity: u64,
+    /// The bitmap was marked in use: its contents cannot be trusted.
+    pub in_use: bool,
+    /// The bitmap is enabled (records writes).
+    pub enabled: bool,
+    /// The bits, least significant first: `ceil(ceil(size / granularity) / 8)` bytes.
+    pub bits: Vec<u8>,
+}
+
+/// A stored bitmap as `info` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BitmapInfo {
+    /// Bitmap name.
+    pub name: String,
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// QEMU's flag names: "in-use", "auto".
+    pub flags: Vec<String>,
+}
+
+/// Access to the persistent dirty bitmaps of a format that stores them (qcow2).
+pub trait PersistentBitmaps {
+    /// Names, granularities and flags of the stored bitmaps.
+    fn list_bitmaps(&self) -> Result<Vec<BitmapInfo>>;
+    /// Every stored bitmap with its data.
+    fn load_bitmaps(&self) -> Result<Vec<StoredBitmap>>;
+    /// Replaces all stored bitmaps with `bitmaps` (an empty slice removes them all).
+    fn store_bitmaps(&self, bitmaps: &[StoredBitmap]) -> Result<()>;
+    /// Marks every stored bitmap in use, as is done before an image is modified.
+    fn mark_bitmaps_in_use(&self) -> Result<()>;
+    /// Declares that the caller (a block layer) loads, updates and stores the
+    /// bitmaps; the format then stops keeping them up to date itself.
+    fn track_externally(&self);
 }
 
 /// Format-specific information.
@@ -243,6 +286,10 @@ pub trait FormatDriver: BlockIo {
     /// Deallocates everything in this layer (what `qemu-img commit` does to the top).
     fn make_empty(&self) -> Result<()> {
         Err(Error::unsupported("Image format does not support emptying"))
+    }
+    /// The format's persistent bitmap store, if it has one.
+    fn persistent_bitmaps(&self) -> Option<&dyn PersistentBitmaps> {
+        None
     }
     /// Flushes and marks the image clean; the node must not be used afterwards.
     fn close(&self) -> Result<()> {

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use driver::{
-    BlockIo, BlockStatus, CheckReport, FormatDriver, FormatSpecific, ImageInfo, Preallocation,
-    Qcow2Specific, RepairMode, SnapshotInfo,
+    BitmapInfo, BlockIo, BlockStatus, CheckReport, FormatDriver, FormatSpecific, ImageInfo,
+    PersistentBitmaps, Preallocation, Qcow2Specific, RepairMode, SnapshotInfo, StoredBitmap,
 };
 pub use error::{Error, Result};
 pub use storage::{CacheMode, FileStorage, MemStorage, Storage};

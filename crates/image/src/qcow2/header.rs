@@ -422,9 +422,6 @@ impl Header {
         if let Some(d) = &self.data_file {
             push_ext(&mut ext, EXT_DATA_FILE, d.as_bytes());
         }
-        if let Some(b) = &self.bitmaps_ext {
-            push_ext(&mut ext, EXT_BITMAPS, b);
-        }
         if self.version == 3 && cs > 4096 {
             let mut t = Vec::with_capacity(FEATURE_NAMES.len() * 48);
             for (kind, bit, name) in FEATURE_NAMES {
@@ -435,6 +432,9 @@ impl Header {
                 t.extend_from_slice(&e);
             }
             push_ext(&mut ext, EXT_FEATURE_TABLE, &t);
+        }
+        if let Some(b) = &self.bitmaps_ext {
+            push_ext(&mut ext, EXT_BITMAPS, b);
         }
         for u in &self.unknown_extensions {
             push_ext(&mut ext, u.kind, &u.data);

@@ -30,6 +30,8 @@ pub enum ZeroMode {
 
 /// A zero buffer for explicit zero writes.
 const ZERO_CHUNK: usize = 1 << 20;
+/// Most clusters mapped under one lock acquisition, or written with one I/O.
+const MAX_BATCH: u64 = 256;
 
 fn mergeable(a: SubState, b: SubState, dist: u64) -> bool {
     match (a, b) {
@@ -150,21 +152,57 @@ impl Qcow2 {
     }
 
     pub(super) fn read_impl(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let cs = self.geo.cs;
+        let g = self.geo;
+        let cs = g.cs;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
-            let gc = pos >> self.geo.cluster_bits;
-            let in_off = pos & (cs - 1);
-            let n = ((cs - in_off) as usize).min(buf.len() - done);
-            let (entry, bitmap) = {
+            let first_gc = pos >> g.cluster_bits;
+            let last_gc = (offset + buf.len() as u64 - 1) >> g.cluster_bits;
+            let nb = (last_gc - first_gc + 1).min(MAX_BATCH);
+            // One lock acquisition maps a batch of clusters.
+            let entries: Vec<(u64, u64)> = {
                 let mut m = self.lock();
-                m.l2_entry(self.storage_ref(), gc)?
+                (first_gc..first_gc + nb)
+                    .map(|gc| m.l2_entry(self.storage_ref(), gc))
+                    .collect::<Result<_>>()?
             };
-            self.read_from_entry(entry, bitmap, gc, in_off, &mut buf[done..done + n])?;
-            done += n;
+            let mut i = 0usize;
+            while i < entries.len() && done < buf.len() {
+                let pos = offset + done as u64;
+                let gc = first_gc + i as u64;
+                let in_off = pos & (cs - 1);
+                // Host-contiguous fully allocated clusters become one read.
+                if let Some(h) = self.whole_data(entries[i]) {
+                    let mut j = i + 1;
+                    while j < entries.len()
+                        && self.whole_data(entries[j]) == Some(h + (j - i) as u64 * cs)
+                    {
+                        j += 1;
+                    }
+                    let span = ((j - i) as u64 * cs - in_off) as usize;
+                    let n = span.min(buf.len() - done);
+                    self.st.read_at(&mut buf[done..done + n], h + in_off)?;
+                    done += n;
+                    i = j;
+                    continue;
+                }
+                let n = ((cs - in_off) as usize).min(buf.len() - done);
+                let (entry, bitmap) = entries[i];
+                self.read_from_entry(entry, bitmap, gc, in_off, &mut buf[done..done + n])?;
+                done += n;
+                i += 1;
+            }
         }
         Ok(())
+    }
+
+    /// The host offset of a cluster whose every byte is data in place.
+    fn whole_data(&self, (entry, bitmap): (u64, u64)) -> Option<u64> {
+        match classify(entry, self.geo.cluster_bits, self.geo.ext) {
+            ClusterType::Normal(h) if !self.geo.ext || bitmap == BITMAP_ALL_ALLOC => Some(h),
+            _ => None,
+        }
     }
 
     fn wait_inflight<'a>(&'a self, mut m: MutexGuard<'a, Meta>, gc: u64) -> MutexGuard<'a, Meta> {
@@ -188,11 +226,105 @@ impl Qcow2 {
             let pos = offset + done as u64;
             let gc = pos >> self.geo.cluster_bits;
             let in_off = pos & (cs - 1);
+            let whole = (buf.len() - done) as u64 / cs;
+            if in_off == 0 && whole >= 2 {
+                let max = whole.min(MAX_BATCH).min(self.geo.rb_entries / 4).max(1);
+                let n = self.write_whole_clusters(gc, max, &buf[done..])?;
+                if n > 0 {
+                    done += n;
+                    continue;
+                }
+            }
             let n = ((cs - in_off) as usize).min(buf.len() - done);
             self.write_cluster(gc, in_off, &buf[done..done + n])?;
             done += n;
         }
         Ok(())
+    }
+
+    /// Writes a run of whole clusters starting at guest cluster `gc` (at most `max`),
+    /// with one I/O: either clusters already writable in place at contiguous host
+    /// offsets, or clusters that all need new space (allocated contiguously; no
+    /// copy-on-write is needed as every byte is overwritten). Returns the bytes
+    /// written, 0 if the first cluster fits neither case.
+    fn write_whole_clusters(&self, gc: u64, max: u64, data: &[u8]) -> Result<usize> {
+        let g = self.geo;
+        let cs = g.cs;
+        let st = self.storage_ref();
+        // Stay inside one L2 table so that one writable table covers the run.
+        let table_end = ((gc >> g.l2_bits) + 1) << g.l2_bits;
+        let max = max.min(table_end - gc);
+        let mut m = self.lock();
+        if m.corrupt {
+            return Err(Error::corrupt("Image is corrupt; writes are refused"));
+        }
+        let mut olds = Vec::new();
+        let mut in_place: Option<u64> = None;
+        for k in 0..max {
+            let c = gc + k;
+            if m.inflight.contains(&c) {
+                break;
+            }
+            let (entry, bitmap) = m.l2_entry(st, c)?;
+            let writable = entry & OFLAG_COPIED != 0 && self.whole_data((entry, bitmap)).is_some();
+            match (k, writable, in_place) {
+                (0, true, _) => in_place = self.whole_data((entry, bitmap)),
+                (_, true, Some(h)) if self.whole_data((entry, bitmap)) == Some(h + k * cs) => {}
+                (_, false, None) => {}
+                _ => break,
+            }
+            olds.push(entry);
+        }
+        let k = olds.len() as u64;
+        if k == 0 {
+            return Ok(0);
+        }
+        let len = (k * cs) as usize;
+        if let Some(h) = in_place {
+            m.check_in_image(h + (k - 1) * cs, "Data cluster")?;
+            m.check_overlap(h, k * cs, "guest data")?;
+            drop(m);
+            self.st.write_at(&data[..len], h)?;
+            return Ok(len);
+        }
+        m.l2_for_write(st, gc)?;
+        let host = m.alloc_clusters(st, k)?;
+        for c in gc..gc + k {
+            m.inflight.insert(c);
+        }
+        drop(m);
+        let r = self.st.write_at(&data[..len], host);
+        let mut m = self.lock();
+        let res = (|| {
+            r?;
+            let l2_off = m.l2_for_write(st, gc)?;
+            let bitmap = if g.ext { BITMAP_ALL_ALLOC } else { 0 };
+            for (k, &old) in olds.iter().enumerate() {
+                let c = gc + k as u64;
+                m.set_l2_entry(l2_off, c, (host + k as u64 * cs) | OFLAG_COPIED, bitmap);
+                if let Some(mut f) = self.host_of(old) {
+                    f.discard = false;
+                    m.pending_frees.push(f);
+                }
+            }
+            Ok(())
+        })();
+        if res.is_err() {
+            let _ = m.free_now(
+                st,
+                PendingFree {
+                    offset: host,
+                    len: k * cs,
+                    discard: false,
+                },
+            );
+        }
+        for c in gc..gc + k {
+            m.inflight.remove(&c);
+        }
+        drop(m);
+        self.cv.notify_all();
+        res.map(|()| len)
     }
 
     /// Bits of the subclusters touched by `[in_off, in_off + len)`.
@@ -218,6 +350,7 @@ impl Qcow2 {
         if entry & OFLAG_COPIED != 0 {
             if let ClusterType::Normal(h) = classify(entry, self.geo.cluster_bits, self.geo.ext) {
                 if !self.geo.ext || bitmap & touched == touched {
+                    m.check_in_image(h, "Data cluster")?;
                     m.check_overlap(h + in_off, data.len() as u64, "guest data")?;
                     drop(m);
                     return self.st.write_at(data, h + in_off);
@@ -269,13 +402,23 @@ impl Qcow2 {
             ),
             ClusterType::Unallocated | ClusterType::ZeroPlain => (0, false, None),
         };
+        let fresh_from = m.end_cluster;
         let host = if reuse {
+            m.check_in_image(host, "Data cluster")?;
             m.check_overlap(host, cs, "guest data")?;
             host
         } else {
             m.alloc_clusters(st, 1)?
         };
         drop(m);
+        // A cluster past everything ever written reads as zeroes already: when the
+        // old contents are zeroes too, only the new data needs writing.
+        let old_reads_zero = match ct {
+            ClusterType::ZeroPlain => true,
+            ClusterType::Unallocated => self.backing.is_none(),
+            _ => false,
+        };
+        let fresh = !reuse && host / cs >= fresh_from;
 
         // Which part of the cluster gets written, and the new subcluster bitmap.
         let old_has_data = matches!(ct, ClusterType::Normal(_) | ClusterType::Compressed { .. });
@@ -303,7 +446,13 @@ impl Qcow2 {
             )
         };
         let r = if w_start == in_off && w_end == in_off + data.len() as u64 {
-            self.st.write_at(data, host + w_start)
+            self.st.write_at(data, host + in_off)
+        } else if fresh && old_reads_zero {
+            // As QEMU does for copy-on-write from zeroes: make the written part of
+            // the cluster read as zero cheaply, then write the data.
+            self.st
+                .write_zeroes(host + w_start, w_end - w_start, false)
+                .and_then(|()| self.st.write_at(data, host + in_off))
         } else {
             let mut buf = vec![0u8; (w_end - w_start) as usize];
             let head = (in_off - w_start) as usize;

@@ -190,6 +190,18 @@ impl Meta {
         Ok(())
     }
 
+    /// Fails for a host offset past everything in the image file (and past every
+    /// cluster this process allocated): a corrupt entry must not make a write grow
+    /// the file to an arbitrary size.
+    pub fn check_in_image(&self, offset: u64, what: &str) -> Result<()> {
+        if offset >= self.end_cluster.saturating_mul(self.geo.cs) {
+            return Err(Error::corrupt(format!(
+                "{what} offset {offset:#x} lies beyond the end of the image"
+            )));
+        }
+        Ok(())
+    }
+
     // ---------------------------------------------------------------- L2 tables
 
     fn validate_l2_offset(&self, l1e: u64) -> Result<u64> {
@@ -204,6 +216,7 @@ impl Meta {
                 "L2 table offset {off:#x} unaligned"
             )));
         }
+        self.check_in_image(off, "L2 table")?;
         Ok(off)
     }
 
@@ -264,7 +277,16 @@ impl Meta {
         }
         self.load_l2(st, off)?;
         let idx = (gc & (self.geo.l2_entries - 1)) as usize;
-        Ok(self.l2_cache.get(off).map(|t| t.get(idx)).unwrap_or((0, 0)))
+        let (entry, bitmap) = self.l2_cache.get(off).map(|t| t.get(idx)).unwrap_or((0, 0));
+        if entry & super::l2::OFLAG_COMPRESSED == 0 {
+            let host = entry & OFFSET_MASK;
+            if host % self.geo.cs != 0 {
+                return Err(Error::corrupt(format!(
+                    "Cluster allocation offset {host:#x} unaligned (L2 offset: {off:#x}, L2 index: {idx:#x})"
+                )));
+            }
+        }
+        Ok((entry, bitmap))
     }
 
     /// Sets the entry of guest cluster `gc`, whose L2 table must be writable
@@ -516,6 +538,11 @@ impl Meta {
 
     /// Allocates `n` contiguous free clusters and returns the host offset of the first.
     pub fn alloc_clusters(&mut self, st: &dyn Storage, n: u64) -> Result<u64> {
+        if n >= self.geo.rb_entries / 2 {
+            // New refcount blocks describe themselves from the first cluster of their
+            // range, which would split any run this long: take space at the end.
+            return self.alloc_at_end(st, n);
+        }
         let mut idx = self.free_hint.max(1);
         'search: loop {
             // Make sure every refcount block of the candidate run exists, then check it.
@@ -540,6 +567,60 @@ impl Meta {
         }
         self.end_cluster = self.end_cluster.max(idx + n);
         Ok(idx * self.geo.cs)
+    }
+
+    /// Allocates `n` clusters after everything else in the file, with the refcount
+    /// blocks that describe them placed right after the run.
+    fn alloc_at_end(&mut self, st: &dyn Storage, n: u64) -> Result<u64> {
+        let cs = self.geo.cs;
+        let e = self.geo.rb_entries;
+        loop {
+            let start = self.end_cluster.max(1);
+            let mut k = 0u64;
+            let needed = loop {
+                let end = start + n + k;
+                let needed: Vec<u64> = (start / e..=(end - 1) / e)
+                    .filter(|&b| self.rc_table.get(b as usize).copied().unwrap_or(0) == 0)
+                    .collect();
+                if needed.len() as u64 == k {
+                    break needed;
+                }
+                k = needed.len() as u64;
+            };
+            if let Some(&max_b) = needed.iter().max() {
+                if max_b as usize >= self.rc_table.len() {
+                    self.grow_reftable(st, max_b)?;
+                    continue;
+                }
+            }
+            let end = start + n + k;
+            for (j, &b) in needed.iter().enumerate() {
+                let boff = (start + n + j as u64) * cs;
+                let mut block = vec![0u8; cs as usize];
+                for c in (b * e).max(start)..((b + 1) * e).min(end) {
+                    refcount::set(&mut block, (c - b * e) as usize, self.geo.refcount_order, 1);
+                }
+                st.write_at(&block, boff)?;
+            }
+            if !needed.is_empty() {
+                st.flush()?;
+                for (j, &b) in needed.iter().enumerate() {
+                    let boff = (start + n + j as u64) * cs;
+                    self.rc_table[b as usize] = boff;
+                    st.write_at(
+                        &boff.to_be_bytes(),
+                        self.header.refcount_table_offset + b * 8,
+                    )?;
+                }
+            }
+            self.end_cluster = end;
+            for c in start..end {
+                if !needed.contains(&(c / e)) {
+                    self.update_refcount(st, c, 1)?;
+                }
+            }
+            return Ok(start * cs);
+        }
     }
 
     /// Allocates `len` bytes (less than a cluster) for compressed data.

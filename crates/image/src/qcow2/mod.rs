@@ -10,6 +10,7 @@
 //! positional I/O after the lock is dropped. Allocating writes to the same guest
 //! cluster are serialised by an in-flight set so that copy-on-write stays correct.
 
+pub mod bitmaps;
 mod cache;
 mod check;
 pub mod compress;
@@ -22,12 +23,12 @@ pub mod refcount;
 pub mod snapshot;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::driver::{
-    BlockIo, BlockStatus, CheckReport, FormatDriver, FormatSpecific, ImageInfo, Preallocation,
-    Qcow2Specific, RepairMode, SnapshotInfo,
+    BlockIo, BlockStatus, CheckReport, FormatDriver, FormatSpecific, ImageInfo, PersistentBitmaps,
+    Preallocation, Qcow2Specific, RepairMode, SnapshotInfo,
 };
 use crate::storage::Storage;
 use crate::{Error, Result};
@@ -72,6 +73,15 @@ pub struct Qcow2 {
     cv: Condvar,
     /// The last decompressed cluster, with a generation bumped by compressed writes.
     zcache: Mutex<(u64, Option<Decompressed>)>,
+    /// Stored bitmaps are already marked in use (or there are none to mark).
+    bitmaps_marked: AtomicBool,
+    /// Persistent bitmaps this driver keeps up to date itself (when no block layer
+    /// took them over): loaded at the first write, stored back at close.
+    bm_track: Mutex<Option<Vec<crate::driver::StoredBitmap>>>,
+    /// `bm_track` holds bitmaps (fast check on the write path).
+    bm_tracking: AtomicBool,
+    /// A block layer tracks the persistent bitmaps; this driver only marks them.
+    bm_external: AtomicBool,
 }
 
 /// Opens a qcow2 image over `storage`; `backing` opens its backing file by the name
@@ -148,6 +158,10 @@ impl Qcow2 {
             meta: Mutex::new(meta),
             cv: Condvar::new(),
             zcache: Mutex::new((0, None)),
+            bitmaps_marked: AtomicBool::new(true),
+            bm_track: Mutex::new(None),
+            bm_tracking: AtomicBool::new(false),
+            bm_external: AtomicBool::new(false),
         };
         if !read_only {
             q.prepare_for_writing()?;
@@ -167,10 +181,21 @@ impl Qcow2 {
             m.write_incompat(self.st.as_ref(), bits)?;
         }
         let mut m = self.lock();
-        if m.header.version >= 3 && m.header.autoclear_features != 0 {
-            m.header.autoclear_features = 0;
-            self.st.write_at(&0u64.to_be_bytes(), 88)?;
+        // Autoclear bits of features this driver does not maintain are cleared; the
+        // bitmaps bit stays (bitmaps are marked in use before the first write).
+        let keep = if m.header.bitmaps_ext.is_some() {
+            header::AUTOCLEAR_BITMAPS
+        } else {
+            0
+        };
+        let autoclear = m.header.autoclear_features & keep;
+        if m.header.version >= 3 && m.header.autoclear_features != autoclear {
+            m.header.autoclear_features = autoclear;
+            self.st.write_at(&autoclear.to_be_bytes(), 88)?;
             self.st.flush()?;
+        }
+        if autoclear & header::AUTOCLEAR_BITMAPS != 0 {
+            self.bitmaps_marked.store(false, Ordering::Release);
         }
         Ok(())
     }
@@ -218,16 +243,19 @@ impl BlockIo for Qcow2 {
 
     fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_write(offset, buf.len() as u64)?;
+        self.bitmaps_before_write(offset, buf.len() as u64)?;
         self.write_impl(buf, offset)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_write(offset, len)?;
+        self.bitmaps_before_write(offset, len)?;
         self.zero_impl(offset, len, io::ZeroMode::Zero { unmap: may_unmap })
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_write(offset, len)?;
+        self.bitmaps_before_write(offset, len)?;
         self.zero_impl(offset, len, io::ZeroMode::Discard)
     }
 
@@ -286,8 +314,21 @@ impl FormatDriver for Qcow2 {
                 extended_l2: h.extended_l2(),
                 data_file: h.data_file.clone(),
                 data_file_raw: None,
+                bitmaps: None,
             })),
         })
+        .and_then(|mut info| {
+            drop(m);
+            let list = self.list_bitmaps()?;
+            if let Some(FormatSpecific::Qcow2(q)) = info.format_specific.as_mut() {
+                q.bitmaps = (!list.is_empty()).then_some(list);
+            }
+            Ok(info)
+        })
+    }
+
+    fn persistent_bitmaps(&self) -> Option<&dyn PersistentBitmaps> {
+        Some(self)
     }
 
     fn cluster_size(&self) -> Option<u64> {
@@ -331,6 +372,7 @@ impl FormatDriver for Qcow2 {
 
     fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_write(offset, buf.len() as u64)?;
+        self.bitmaps_before_write(offset, buf.len() as u64)?;
         self.write_compressed_impl(buf, offset)
     }
 
@@ -358,7 +400,8 @@ impl FormatDriver for Qcow2 {
     }
 
     fn close(&self) -> Result<()> {
-        self.flush()
+        self.flush()?;
+        self.store_tracked_bitmaps()
     }
 }
 
@@ -367,6 +410,9 @@ impl Drop for Qcow2 {
         if !self.read_only {
             if let Err(e) = BlockIo::flush(self) {
                 tracing::warn!("flushing qcow2 metadata on close failed: {e}");
+            }
+            if let Err(e) = self.store_tracked_bitmaps() {
+                tracing::warn!("storing persistent bitmaps on close failed: {e}");
             }
         }
     }

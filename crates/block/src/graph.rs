@@ -1,0 +1,574 @@
+//! The block graph: every named node, `blockdev-add` / `blockdev-del`, the dirty
+//! bitmap operations of QMP, `block_resize`, and the node queries. Method names follow
+//! the QMP commands they implement; errors carry QEMU's texts.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::{json, Value};
+use strata_image::qcow2::{self, Qcow2OpenOptions};
+use strata_image::{resolve_backing_path, CacheMode, FileStorage, Format, Storage};
+
+use crate::bitmap::{check_granularity, DirtyBitmap};
+use crate::error::{BlockError, BlockResult};
+use crate::node::{BlockNode, NodeSettings};
+use crate::null::NullDisk;
+use crate::options::{BackingRef, BlockdevOptions, ChildRef, DriverOptions};
+
+/// A bitmap named by node and name (a `block-dirty-bitmap-merge` source).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapRef {
+    /// Node name (the target's node when given as a plain name).
+    pub node: String,
+    /// Bitmap name.
+    pub name: String,
+}
+
+#[derive(Default)]
+struct State {
+    nodes: Vec<Arc<BlockNode>>,
+    next_auto: u64,
+}
+
+/// The graph of block nodes of one process.
+#[derive(Default)]
+pub struct BlockGraph {
+    state: Mutex<State>,
+}
+
+/// Checks a node name with QEMU's rules: a letter first, then letters, digits,
+/// '-', '.' and '_', at most 31 characters.
+pub fn valid_node_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
+        && name.len() <= 31
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+fn cache_mode(direct: bool, no_flush: bool) -> CacheMode {
+    match (direct, no_flush) {
+        (false, false) => CacheMode::Writeback,
+        (true, false) => CacheMode::None,
+        (false, true) => CacheMode::Unsafe,
+        (true, true) => CacheMode::DirectNoFlush,
+    }
+}
+
+impl BlockGraph {
+    /// An empty graph.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The node with this name.
+    pub fn node(&self, name: &str) -> Option<Arc<BlockNode>> {
+        self.lock().nodes.iter().find(|n| n.name() == name).cloned()
+    }
+
+    /// All nodes, in creation order.
+    pub fn nodes(&self) -> Vec<Arc<BlockNode>> {
+        self.lock().nodes.clone()
+    }
+
+    /// Looks a node up for a command, with QEMU's "Cannot find device=... nor
+    /// node-name=..." error.
+    pub fn lookup(&self, device: Option<&str>, node: &str) -> BlockResult<Arc<BlockNode>> {
+        self.node(node).ok_or_else(|| {
+            BlockError::generic(format!(
+                "Cannot find device='{}' nor node-name='{node}'",
+                device.unwrap_or("")
+            ))
+        })
+    }
+
+    fn auto_name(&self) -> String {
+        let mut s = self.lock();
+        s.next_auto += 1;
+        format!("#block{:03}", s.next_auto)
+    }
+
+    /// `blockdev-add`: opens a node (and inline children) from options.
+    pub fn blockdev_add(&self, opts: &BlockdevOptions) -> BlockResult<Arc<BlockNode>> {
+        let name = opts.node_name.as_deref().ok_or_else(|| {
+            BlockError::generic("'node-name' must be specified for the root node")
+        })?;
+        let _ = name;
+        self.open_node(opts, false)
+    }
+
+    /// Opens a node that the graph names itself when `node_name` is absent (targets
+    /// created by `drive-backup`, backing files opened from image headers).
+    pub fn open_implicit(&self, opts: &BlockdevOptions) -> BlockResult<Arc<BlockNode>> {
+        self.open_node(opts, true)
+    }
+
+    /// A fresh automatic node name (`#blockNNN`).
+    pub fn new_auto_name(&self) -> String {
+        self.auto_name()
+    }
+
+    /// Adds a node built elsewhere (a filter). Fails on a duplicate name.
+    pub fn insert_node(&self, node: Arc<BlockNode>) -> BlockResult<()> {
+        let mut s = self.lock();
+        if s.nodes.iter().any(|n| n.name() == node.name()) {
+            return Err(BlockError::generic(format!(
+                "Duplicate nodes with node-name='{}'",
+                node.name()
+            )));
+        }
+        s.nodes.push(node);
+        Ok(())
+    }
+
+    /// Removes a node (and closes implicit children nobody else uses) without
+    /// the monitor-ownership checks of `blockdev-del`.
+    pub fn remove_node(&self, node: &Arc<BlockNode>) -> BlockResult<()> {
+        self.remove_tree(node)
+    }
+
+    fn open_node(&self, opts: &BlockdevOptions, implicit_ok: bool) -> BlockResult<Arc<BlockNode>> {
+        let (name, implicit) = match &opts.node_name {
+            Some(n) => {
+                if !valid_node_name(n) {
+                    return Err(BlockError::generic(format!("Invalid node-name: '{n}'")));
+                }
+                if self.node(n).is_some() {
+                    return Err(BlockError::generic(format!(
+                        "Duplicate nodes with node-name='{n}'"
+                    )));
+                }
+                (n.clone(), false)
+            }
+            None if implicit_ok => (self.auto_name(), true),
+            None => {
+                return Err(BlockError::generic(
+                    "'node-name' must be specified for the root node",
+                ))
+            }
+        };
+        let settings = NodeSettings {
+            read_only: opts.read_only,
+            cache_direct: opts.cache_direct,
+            cache_no_flush: opts.cache_no_flush,
+            discard: opts.discard,
+            detect_zeroes: opts.detect_zeroes,
+        };
+        let cache = cache_mode(opts.cache_direct, opts.cache_no_flush);
+        let node = match &opts.kind {
+            DriverOptions::File { filename } => {
+                let path = Path::new(filename);
+                let storage = match FileStorage::open(path, opts.read_only, cache) {
+                    Ok(s) => s,
+                    Err(_) if opts.auto_read_only && !opts.read_only => {
+                        FileStorage::open(path, true, cache).map_err(open_error(filename))?
+                    }
+                    Err(e) => return Err(open_error(filename)(e)),
+                };
+                let ro = storage.read_only();
+                let storage: Arc<dyn Storage> = Arc::new(storage);
+                let io = strata_image::open_on(storage, Format::Raw, ro, None)?;
+                BlockNode::new(
+                    name,
+                    implicit,
+                    "file",
+                    io,
+                    None,
+                    None,
+                    filename.clone(),
+                    NodeSettings {
+                        read_only: ro,
+                        ..settings
+                    },
+                )
+            }
+            DriverOptions::Null { size } => BlockNode::new(
+                name,
+                implicit,
+                "null-co",
+                Arc::new(NullDisk::new(*size)),
+                None,
+                None,
+                "null-co://".into(),
+                settings,
+            ),
+            DriverOptions::Format {
+                file,
+                backing,
+                l2_cache_size,
+                refcount_cache_size,
+            } => {
+                let file_node = self.child(file, opts)?;
+                if file_node.read_only() && !opts.read_only {
+                    return Err(BlockError::generic("Block node is read-only"));
+                }
+                let storage = file_node.io().storage();
+                let filename = file_node.filename().to_string();
+                if opts.driver == "raw" {
+                    let io = strata_image::open_on(storage, Format::Raw, opts.read_only, None)?;
+                    BlockNode::new(
+                        name,
+                        implicit,
+                        "raw",
+                        io,
+                        Some(file_node),
+                        None,
+                        filename,
+                        settings,
+                    )
+                } else {
+                    let mut backing_node: Option<Arc<BlockNode>> = None;
+                    let mut open_err: Option<BlockError> = None;
+                    let force = matches!(backing, BackingRef::Child(_));
+                    let mut opener = |bname: &str, bfmt: Option<&str>| {
+                        let r = match backing {
+                            BackingRef::Child(c) => self.child(c, opts),
+                            _ => self.open_implicit_backing(&filename, bname, bfmt, cache),
+                        };
+                        match r {
+                            Ok(n) => {
+                                let io = n.io().clone();
+                                backing_node = Some(n);
+                                Ok(io)
+                            }
+                            Err(e) => {
+                                open_err = Some(e.clone());
+                                Err(strata_image::Error::invalid(e.desc))
+                            }
+                        }
+                    };
+                    let want_backing = !matches!(backing, BackingRef::None);
+                    let q = qcow2::open(
+                        storage,
+                        Qcow2OpenOptions {
+                            read_only: opts.read_only,
+                            l2_cache_size: *l2_cache_size,
+                            refcount_cache_size: *refcount_cache_size,
+                            image_path: Some(filename.clone().into()),
+                        },
+                        if want_backing {
+                            Some(&mut opener as qcow2::BackingOpener<'_>)
+                        } else {
+                            None
+                        },
+                        force,
+                    );
+                    let q = match (q, open_err) {
+                        (Ok(q), _) => q,
+                        (Err(_), Some(e)) => return Err(e),
+                        (Err(e), None) => {
+                            return Err(BlockError::generic(format!(
+                                "Could not open '{filename}': {e}"
+                            )))
+                        }
+                    };
+                    let node = BlockNode::new(
+                        name,
+                        implicit,
+                        "qcow2",
+                        q,
+                        Some(file_node),
+                        backing_node,
+                        filename,
+                        settings,
+                    );
+                    node.load_persistent_bitmaps()?;
+                    node
+                }
+            }
+        };
+        self.lock().nodes.push(node.clone());
+        Ok(node)
+    }
+
+    fn child(&self, c: &ChildRef, parent: &BlockdevOptions) -> BlockResult<Arc<BlockNode>> {
+        match c {
+            ChildRef::Reference(n) => self.node(n).ok_or_else(|| {
+                BlockError::generic(format!("Cannot find device='{n}' nor node-name='{n}'"))
+            }),
+            ChildRef::Inline(o) => {
+                let mut o = (**o).clone();
+                // Children inherit read-only and cache settings unless they set them.
+                o.read_only |= parent.read_only;
+                self.open_node(&o, true)
+            }
+        }
+    }
+
+    fn open_implicit_backing(
+        &self,
+        image: &str,
+        name: &str,
+        fmt: Option<&str>,
+        cache: CacheMode,
+    ) -> BlockResult<Arc<BlockNode>> {
+        let path = resolve_backing_path(Path::new(image), name);
+        let filename = path.display().to_string();
+        let format = match fmt {
+            Some(f) => f.to_string(),
+            None => {
+                let st = FileStorage::open(&path, true, cache).map_err(open_error(&filename))?;
+                strata_image::probe_format(&st)?.name().to_string()
+            }
+        };
+        let opts = BlockdevOptions {
+            driver: format,
+            node_name: None,
+            read_only: true,
+            auto_read_only: false,
+            cache_direct: cache.direct(),
+            cache_no_flush: cache.no_flush(),
+            discard: Default::default(),
+            detect_zeroes: Default::default(),
+            kind: DriverOptions::Format {
+                file: ChildRef::Inline(Box::new(BlockdevOptions {
+                    driver: "file".into(),
+                    node_name: None,
+                    read_only: true,
+                    auto_read_only: false,
+                    cache_direct: cache.direct(),
+                    cache_no_flush: cache.no_flush(),
+                    discard: Default::default(),
+                    detect_zeroes: Default::default(),
+                    kind: DriverOptions::File { filename },
+                })),
+                backing: BackingRef::Default,
+                l2_cache_size: None,
+                refcount_cache_size: None,
+            },
+        };
+        self.open_node(&opts, true)
+    }
+
+    /// Nodes that use `node` as a child.
+    fn parents_of(&self, node: &Arc<BlockNode>) -> Vec<Arc<BlockNode>> {
+        self.nodes()
+            .into_iter()
+            .filter(|n| {
+                n.file_child().is_some_and(|c| Arc::ptr_eq(c, node))
+                    || n.backing_child().is_some_and(|c| Arc::ptr_eq(c, node))
+            })
+            .collect()
+    }
+
+    /// `blockdev-del`: closes a node nobody uses, with its implicit children.
+    pub fn blockdev_del(&self, name: &str) -> BlockResult<()> {
+        let node = self.node(name).ok_or_else(|| {
+            BlockError::generic(format!("Failed to find node with node-name='{name}'"))
+        })?;
+        if node.implicit() {
+            return Err(BlockError::generic(format!(
+                "Node {name} is not owned by the monitor"
+            )));
+        }
+        if !self.parents_of(&node).is_empty() || Arc::strong_count(&node) > 2 {
+            return Err(BlockError::generic(format!(
+                "Block device {name} is in use"
+            )));
+        }
+        self.remove_tree(&node)
+    }
+
+    fn remove_tree(&self, node: &Arc<BlockNode>) -> BlockResult<()> {
+        node.close()?;
+        self.lock().nodes.retain(|n| !Arc::ptr_eq(n, node));
+        for child in [node.file_child(), node.backing_child()]
+            .into_iter()
+            .flatten()
+        {
+            if child.implicit() && self.parents_of(child).is_empty() {
+                self.remove_tree(child)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes every node (flush, store persistent bitmaps), parents first.
+    pub fn close_all(&self) -> Vec<BlockError> {
+        let mut errors = Vec::new();
+        let mut nodes = self.nodes();
+        nodes.reverse();
+        for n in nodes {
+            if let Err(e) = n.close() {
+                errors.push(e);
+            }
+        }
+        self.lock().nodes.clear();
+        errors
+    }
+
+    /// `query-named-block-nodes`.
+    pub fn query_named_block_nodes(&self, flat: bool) -> Value {
+        let mut nodes = self.nodes();
+        nodes.reverse();
+        Value::Array(nodes.iter().map(|n| n.device_info(flat)).collect())
+    }
+
+    /// `block_resize`.
+    pub fn block_resize(&self, device: Option<&str>, node: &str, size: i64) -> BlockResult<()> {
+        if size < 0 {
+            return Err(BlockError::generic("Parameter 'size' expects a >0 size"));
+        }
+        let n = self.lookup(device, node)?;
+        if n.read_only() {
+            return Err(BlockError::generic("Image is read-only"));
+        }
+        n.resize(size as u64)
+    }
+
+    fn find_bitmap(
+        &self,
+        node: &str,
+        name: &str,
+    ) -> BlockResult<(Arc<BlockNode>, Arc<DirtyBitmap>)> {
+        let n = self.lookup(Some(node), node)?;
+        let b = n
+            .bitmap(name)
+            .ok_or_else(|| BlockError::generic(format!("Dirty bitmap '{name}' not found")))?;
+        Ok((n, b))
+    }
+
+    fn check_modifiable(b: &DirtyBitmap, name: &str, allow_ro: bool, ro: bool) -> BlockResult<()> {
+        if b.busy() {
+            return Err(BlockError::generic(format!(
+                "Bitmap '{name}' is currently in use by another operation and cannot be used"
+            )));
+        }
+        if !allow_ro && ro && b.persistent() {
+            return Err(BlockError::generic(format!(
+                "Bitmap '{name}' is readonly and cannot be modified"
+            )));
+        }
+        if b.inconsistent() {
+            return Err(BlockError::generic(format!(
+                "Bitmap '{name}' is inconsistent and cannot be used"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `block-dirty-bitmap-add`.
+    pub fn bitmap_add(
+        &self,
+        node: &str,
+        name: &str,
+        granularity: Option<u64>,
+        persistent: bool,
+        disabled: bool,
+    ) -> BlockResult<()> {
+        let n = self.lookup(Some(node), node)?;
+        if name.is_empty() {
+            return Err(BlockError::generic("Bitmap name cannot be empty"));
+        }
+        if n.bitmap(name).is_some() {
+            return Err(BlockError::generic(format!(
+                "Bitmap already exists: {name}"
+            )));
+        }
+        let g = granularity.unwrap_or_else(|| n.default_bitmap_granularity());
+        check_granularity(g)?;
+        if persistent {
+            if !n.supports_persistent_bitmaps() {
+                return Err(BlockError::generic(format!(
+                    "Can't store persistent bitmaps to {node}: Operation not supported"
+                )));
+            }
+            if let Ok(info) = n.io().info() {
+                if let Some(strata_image::FormatSpecific::Qcow2(q)) = info.format_specific {
+                    if q.compat == "0.10" {
+                        return Err(BlockError::generic(format!(
+                            "Can't make bitmap '{name}' persistent in '{node}': Cannot store dirty bitmaps in qcow2 v2 files"
+                        )));
+                    }
+                }
+            }
+            if name.len() > qcow2::bitmaps::MAX_NAME {
+                return Err(BlockError::generic(format!(
+                    "Can't make bitmap '{name}' persistent in '{node}': Name is too long"
+                )));
+            }
+        }
+        let b = DirtyBitmap::new(Some(name.to_string()), g, n.size())?;
+        b.set_persistent(persistent);
+        b.set_enabled(!disabled);
+        n.add_bitmap(b);
+        Ok(())
+    }
+
+    /// `block-dirty-bitmap-remove`.
+    pub fn bitmap_remove(&self, node: &str, name: &str) -> BlockResult<()> {
+        let (n, b) = self.find_bitmap(node, name)?;
+        if b.busy() {
+            return Err(BlockError::generic(format!(
+                "Bitmap '{name}' is currently in use by another operation and cannot be used"
+            )));
+        }
+        n.remove_bitmap(&b);
+        Ok(())
+    }
+
+    /// `block-dirty-bitmap-clear`.
+    pub fn bitmap_clear(&self, node: &str, name: &str) -> BlockResult<()> {
+        let (n, b) = self.find_bitmap(node, name)?;
+        Self::check_modifiable(&b, name, false, n.read_only())?;
+        b.clear();
+        Ok(())
+    }
+
+    /// `block-dirty-bitmap-enable` / `-disable`.
+    pub fn bitmap_set_enabled(&self, node: &str, name: &str, on: bool) -> BlockResult<()> {
+        let (n, b) = self.find_bitmap(node, name)?;
+        Self::check_modifiable(&b, name, true, n.read_only())?;
+        b.set_enabled(on);
+        Ok(())
+    }
+
+    /// `block-dirty-bitmap-merge`.
+    pub fn bitmap_merge(&self, node: &str, target: &str, sources: &[BitmapRef]) -> BlockResult<()> {
+        let (n, t) = self.find_bitmap(node, target)?;
+        Self::check_modifiable(&t, target, false, n.read_only())?;
+        let mut srcs = Vec::new();
+        for s in sources {
+            let (_, b) = self.find_bitmap(&s.node, &s.name)?;
+            if b.disk_size() != t.disk_size() {
+                return Err(BlockError::generic(format!(
+                    "Bitmaps are of different sizes (destination size is {}, source size is {}) and can't be merged",
+                    t.disk_size(),
+                    b.disk_size()
+                )));
+            }
+            srcs.push(b);
+        }
+        for b in srcs {
+            t.merge_from(&b)?;
+        }
+        Ok(())
+    }
+
+    /// `x-debug-block-dirty-bitmap-sha256`.
+    pub fn bitmap_sha256(&self, node: &str, name: &str) -> BlockResult<Value> {
+        let (_, b) = self.find_bitmap(node, name)?;
+        Ok(json!({ "sha256": b.sha256() }))
+    }
+}
+
+fn open_error(filename: &str) -> impl Fn(strata_image::Error) -> BlockError + '_ {
+    move |e| match e {
+        strata_image::Error::Io { source, .. } => {
+            BlockError::generic(format!("Could not open '{filename}': {}", io_text(&source)))
+        }
+        other => BlockError::generic(other.to_string()),
+    }
+}
+
+/// The C library's wording of an I/O error ("No such file or directory").
+fn io_text(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}

@@ -1,0 +1,511 @@
+//! Block nodes: one layer of the graph (a protocol, a format, or a filter) with its
+//! children, its dirty bitmaps and its in-flight requests. Every request entering
+//! the graph through a node is tracked, and every write, zero write and discard that
+//! reaches it is recorded in the node's recording bitmaps.
+
+use std::sync::{Arc, RwLock};
+
+use serde_json::{json, Value};
+use strata_image::{FormatDriver, FormatSpecific, ImageInfo, StoredBitmap};
+
+use crate::bitmap::DirtyBitmap;
+use crate::error::{BlockError, BlockResult};
+use crate::options::{DetectZeroes, DiscardMode};
+use crate::tracker::RequestTracker;
+
+/// Settings a node was opened with that affect its I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NodeSettings {
+    /// Opened read-only.
+    pub read_only: bool,
+    /// `cache.direct`.
+    pub cache_direct: bool,
+    /// `cache.no-flush`.
+    pub cache_no_flush: bool,
+    /// `discard`.
+    pub discard: DiscardMode,
+    /// `detect-zeroes`.
+    pub detect_zeroes: DetectZeroes,
+}
+
+/// Runs before a write, zero write or discard reaches a node's driver: the
+/// copy-before-write hook of a running backup is one.
+pub trait BeforeWrite: Send + Sync {
+    /// Called with the range about to change. An error fails the write.
+    fn before_write(&self, offset: u64, len: u64) -> BlockResult<()>;
+}
+
+/// A node of the block graph.
+pub struct BlockNode {
+    name: String,
+    implicit: bool,
+    driver: String,
+    io: Arc<dyn FormatDriver>,
+    file: Option<Arc<BlockNode>>,
+    backing: Option<Arc<BlockNode>>,
+    filename: String,
+    settings: NodeSettings,
+    bitmaps: RwLock<Vec<Arc<DirtyBitmap>>>,
+    tracker: RequestTracker,
+    hooks: RwLock<Vec<Arc<dyn BeforeWrite>>>,
+}
+
+impl std::fmt::Debug for BlockNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockNode")
+            .field("name", &self.name)
+            .field("driver", &self.driver)
+            .finish()
+    }
+}
+
+impl BlockNode {
+    /// Builds a node around an opened driver.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: String,
+        implicit: bool,
+        driver: &str,
+        io: Arc<dyn FormatDriver>,
+        file: Option<Arc<BlockNode>>,
+        backing: Option<Arc<BlockNode>>,
+        filename: String,
+        settings: NodeSettings,
+    ) -> Arc<Self> {
+        Arc::new(BlockNode {
+            name,
+            implicit,
+            driver: driver.to_string(),
+            io,
+            file,
+            backing,
+            filename,
+            settings,
+            bitmaps: RwLock::new(Vec::new()),
+            tracker: RequestTracker::default(),
+            hooks: RwLock::new(Vec::new()),
+        })
+    }
+
+    /// The node name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the name was generated for an implicitly created node.
+    pub fn implicit(&self) -> bool {
+        self.implicit
+    }
+
+    /// The driver name (`file`, `raw`, `qcow2`, `null-co`, ...).
+    pub fn driver(&self) -> &str {
+        &self.driver
+    }
+
+    /// The driver doing the I/O.
+    pub fn io(&self) -> &Arc<dyn FormatDriver> {
+        &self.io
+    }
+
+    /// The protocol child, for format nodes.
+    pub fn file_child(&self) -> Option<&Arc<BlockNode>> {
+        self.file.as_ref()
+    }
+
+    /// The backing child.
+    pub fn backing_child(&self) -> Option<&Arc<BlockNode>> {
+        self.backing.as_ref()
+    }
+
+    /// Settings the node was opened with.
+    pub fn settings(&self) -> NodeSettings {
+        self.settings
+    }
+
+    /// Whether the node refuses writes.
+    pub fn read_only(&self) -> bool {
+        self.settings.read_only
+    }
+
+    /// The file name shown in queries.
+    pub fn filename(&self) -> &str {
+        &self.filename
+    }
+
+    /// The request tracker.
+    pub fn tracker(&self) -> &RequestTracker {
+        &self.tracker
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.io.size()
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> BlockResult<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(BlockError::generic(format!(
+                "Request out of range: offset {offset}, length {len} (size {})",
+                self.size()
+            ))),
+        }
+    }
+
+    fn check_write(&self, offset: u64, len: u64) -> BlockResult<()> {
+        if self.read_only() {
+            return Err(BlockError::generic(format!(
+                "Node '{}' is read only",
+                self.name
+            )));
+        }
+        self.check_range(offset, len)
+    }
+
+    /// Installs a before-write hook. The node is drained first, so that every write
+    /// that completes after this returns has passed through the hook.
+    pub fn add_hook(&self, hook: Arc<dyn BeforeWrite>) {
+        let _d = self.tracker.drain();
+        self.hooks
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(hook);
+    }
+
+    /// Removes a before-write hook (after draining the node).
+    pub fn remove_hook(&self, hook: &Arc<dyn BeforeWrite>) {
+        let _d = self.tracker.drain();
+        self.hooks
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|h| !Arc::ptr_eq(h, hook));
+    }
+
+    fn run_hooks(&self, offset: u64, len: u64) -> BlockResult<()> {
+        let hooks = self.hooks.read().unwrap_or_else(|e| e.into_inner()).clone();
+        for h in hooks {
+            h.before_write(offset, len)?;
+        }
+        Ok(())
+    }
+
+    /// Reads through the node.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> BlockResult<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let _t = self.tracker.begin(offset, buf.len() as u64, false);
+        Ok(self.io.read(buf, offset)?)
+    }
+
+    /// Writes through the node (detect-zeroes applies), recording it in bitmaps.
+    pub fn write(&self, buf: &[u8], offset: u64) -> BlockResult<()> {
+        self.check_write(offset, buf.len() as u64)?;
+        let _t = self.tracker.begin(offset, buf.len() as u64, true);
+        self.run_hooks(offset, buf.len() as u64)?;
+        let dz = self.settings.detect_zeroes;
+        if dz != DetectZeroes::Off && buf.iter().all(|&b| b == 0) {
+            let unmap = dz == DetectZeroes::Unmap && self.settings.discard == DiscardMode::Unmap;
+            self.io.write_zeroes(offset, buf.len() as u64, unmap)?;
+        } else {
+            self.io.write(buf, offset)?;
+        }
+        self.mark_dirty(offset, buf.len() as u64);
+        Ok(())
+    }
+
+    /// Zero write; unmapping only happens with `discard=unmap`.
+    pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> BlockResult<()> {
+        self.check_write(offset, len)?;
+        let _t = self.tracker.begin(offset, len, true);
+        self.run_hooks(offset, len)?;
+        let unmap = may_unmap && self.settings.discard == DiscardMode::Unmap;
+        self.io.write_zeroes(offset, len, unmap)?;
+        self.mark_dirty(offset, len);
+        Ok(())
+    }
+
+    /// Discard; dropped with `discard=ignore`.
+    pub fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.check_write(offset, len)?;
+        if self.settings.discard == DiscardMode::Ignore {
+            return Ok(());
+        }
+        let _t = self.tracker.begin(offset, len, true);
+        self.run_hooks(offset, len)?;
+        self.io.discard(offset, len)?;
+        self.mark_dirty(offset, len);
+        Ok(())
+    }
+
+    /// Flush (a no-op with `cache.no-flush`).
+    pub fn flush(&self) -> BlockResult<()> {
+        if self.settings.cache_no_flush || self.read_only() {
+            return Ok(());
+        }
+        Ok(self.io.flush()?)
+    }
+
+    /// Changes the virtual size (QMP `block_resize`); bitmaps follow.
+    pub fn resize(&self, size: u64) -> BlockResult<()> {
+        if self.read_only() {
+            return Err(BlockError::generic(format!(
+                "Node '{}' is read only",
+                self.name
+            )));
+        }
+        let _d = self.tracker.drain();
+        self.io.resize(size, strata_image::Preallocation::Off)?;
+        for b in self.bitmaps().iter() {
+            b.resize(size);
+        }
+        Ok(())
+    }
+
+    /// Records a modification in every recording bitmap.
+    pub fn mark_dirty(&self, offset: u64, len: u64) {
+        for b in self
+            .bitmaps
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            b.mark(offset, len);
+        }
+    }
+
+    /// The node's bitmaps, newest first (QEMU's order).
+    pub fn bitmaps(&self) -> Vec<Arc<DirtyBitmap>> {
+        self.bitmaps
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The named bitmap.
+    pub fn bitmap(&self, name: &str) -> Option<Arc<DirtyBitmap>> {
+        self.bitmaps()
+            .into_iter()
+            .find(|b| b.name().as_deref() == Some(name))
+    }
+
+    /// Adds a bitmap (newest first).
+    pub fn add_bitmap(&self, b: Arc<DirtyBitmap>) {
+        self.bitmaps
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(0, b);
+    }
+
+    /// Removes a bitmap object.
+    pub fn remove_bitmap(&self, b: &Arc<DirtyBitmap>) {
+        self.bitmaps
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|x| !Arc::ptr_eq(x, b));
+    }
+
+    /// The default granularity of new bitmaps: the cluster size (at least 4 KiB)
+    /// for formats that have one, else 64 KiB.
+    pub fn default_bitmap_granularity(&self) -> u64 {
+        match self.io.cluster_size() {
+            Some(cs) => cs.max(4096),
+            None => 65536,
+        }
+    }
+
+    /// Loads the image's persistent bitmaps; on a writable node they are marked in
+    /// use in the image until [`BlockNode::store_bitmaps`] runs at close.
+    pub fn load_persistent_bitmaps(&self) -> BlockResult<()> {
+        let Some(pb) = self.io.persistent_bitmaps() else {
+            return Ok(());
+        };
+        pb.track_externally();
+        let size = self.size();
+        for sb in pb.load_bitmaps()? {
+            let b = DirtyBitmap::new(Some(sb.name.clone()), sb.granularity, size)?;
+            b.load_bytes(&sb.bits);
+            b.set_enabled(sb.enabled && !sb.in_use);
+            b.set_persistent(true);
+            b.set_inconsistent(sb.in_use);
+            self.add_bitmap(b);
+        }
+        if !self.read_only() {
+            pb.mark_bitmaps_in_use()?;
+        }
+        Ok(())
+    }
+
+    /// Whether the node's format can store persistent bitmaps.
+    pub fn supports_persistent_bitmaps(&self) -> bool {
+        self.io.persistent_bitmaps().is_some()
+    }
+
+    /// Stores persistent bitmaps back into the image (clean close).
+    pub fn store_bitmaps(&self) -> BlockResult<()> {
+        if self.read_only() {
+            return Ok(());
+        }
+        let Some(pb) = self.io.persistent_bitmaps() else {
+            return Ok(());
+        };
+        let mut list: Vec<StoredBitmap> = self
+            .bitmaps()
+            .iter()
+            .filter(|b| b.persistent())
+            .filter_map(|b| {
+                Some(StoredBitmap {
+                    name: b.name()?,
+                    granularity: b.granularity(),
+                    in_use: b.inconsistent(),
+                    enabled: b.enabled() || b.frozen(),
+                    bits: b.to_bytes(),
+                })
+            })
+            .collect();
+        // The node keeps newest first; the image keeps oldest first.
+        list.reverse();
+        pb.store_bitmaps(&list)?;
+        Ok(())
+    }
+
+    /// Flushes and stores bitmaps: what a clean close does.
+    pub fn close(&self) -> BlockResult<()> {
+        let _d = self.tracker.drain();
+        if !self.read_only() {
+            self.store_bitmaps()?;
+            self.io.close()?;
+        }
+        Ok(())
+    }
+
+    /// Depth of the backing chain below this node.
+    pub fn backing_depth(&self) -> u64 {
+        let mut d = 0;
+        let mut cur = self.io.backing();
+        while let Some(b) = cur {
+            d += 1;
+            cur = b.backing();
+        }
+        d
+    }
+
+    /// `ImageInfo` of this node as QEMU prints it (with the backing chain when `deep`).
+    pub fn image_info(&self, deep: bool) -> Value {
+        let info = self.io.info().ok();
+        let actual = self.io.storage().allocated_size().ok();
+        image_info_json(
+            info.as_ref(),
+            &self.driver,
+            &self.filename,
+            self.size(),
+            actual,
+            deep.then(|| self.io.backing()).flatten(),
+        )
+    }
+
+    /// `BlockDeviceInfo` as QEMU 10 prints it in `query-named-block-nodes`.
+    pub fn device_info(&self, flat: bool) -> Value {
+        let mut v = json!({
+            "file": self.filename,
+            "node-name": self.name,
+            "ro": self.read_only(),
+            "drv": self.driver,
+        });
+        if let Some(Ok(info)) = self.io.backing().map(|_| self.io.info()) {
+            if let Some(b) = info.backing_filename {
+                v["backing_file"] = json!(b);
+            }
+        }
+        v["backing_file_depth"] = json!(self.backing_depth());
+        v["encrypted"] = json!(false);
+        v["detect_zeroes"] = json!(self.settings.detect_zeroes.name());
+        for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
+            v[k] = json!(0);
+        }
+        v["image"] = self.image_info(!flat);
+        v["cache"] = json!({
+            "writeback": true,
+            "direct": self.settings.cache_direct,
+            "no-flush": self.settings.cache_no_flush,
+        });
+        v["write_threshold"] = json!(0);
+        let bitmaps = self.bitmaps();
+        if !bitmaps.is_empty() {
+            v["dirty-bitmaps"] = Value::Array(
+                bitmaps
+                    .iter()
+                    .filter(|b| b.name().is_some())
+                    .map(|b| b.info())
+                    .collect(),
+            );
+        }
+        v["active"] = json!(true);
+        v
+    }
+}
+
+/// QEMU's `ImageInfo` JSON for one layer (and its backing chain with `backing`).
+pub fn image_info_json(
+    info: Option<&ImageInfo>,
+    driver: &str,
+    filename: &str,
+    virtual_size: u64,
+    actual_size: Option<u64>,
+    backing: Option<Arc<dyn FormatDriver>>,
+) -> Value {
+    let mut v = json!({
+        "virtual-size": virtual_size,
+        "filename": filename,
+    });
+    if let Some(cs) = info.and_then(|i| i.cluster_size) {
+        v["cluster-size"] = json!(cs);
+    }
+    v["format"] = json!(driver);
+    if let Some(a) = actual_size {
+        v["actual-size"] = json!(a);
+    }
+    match info.and_then(|i| i.format_specific.as_ref()) {
+        Some(FormatSpecific::Qcow2(q)) => {
+            let mut d = json!({
+                "compat": q.compat,
+                "compression-type": q.compression_type,
+                "lazy-refcounts": q.lazy_refcounts,
+            });
+            if let Some(bm) = &q.bitmaps {
+                d["bitmaps"] = json!(bm);
+            }
+            d["refcount-bits"] = json!(q.refcount_bits);
+            d["corrupt"] = json!(q.corrupt);
+            d["extended-l2"] = json!(q.extended_l2);
+            v["format-specific"] = json!({"type": "qcow2", "data": d});
+        }
+        None if driver == "file" => {
+            v["format-specific"] = json!({"type": "file", "data": {}});
+        }
+        None => {}
+    }
+    if let Some(i) = info {
+        if let Some(b) = &i.backing_filename {
+            v["backing-filename"] = json!(b);
+            v["full-backing-filename"] =
+                json!(i.full_backing_filename.clone().unwrap_or(b.clone()));
+            if let Some(f) = &i.backing_format {
+                v["backing-filename-format"] = json!(f);
+            }
+        }
+    }
+    if let Some(b) = backing {
+        if let Ok(bi) = b.info() {
+            let fname = b.storage().name();
+            v["backing-image"] = image_info_json(
+                Some(&bi),
+                b.format_name(),
+                &fname,
+                b.size(),
+                b.storage().allocated_size().ok(),
+                b.backing(),
+            );
+        }
+    }
+    v["dirty-flag"] = json!(info.and_then(|i| i.dirty_flag).unwrap_or(false));
+    v
+}

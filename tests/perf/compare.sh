@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Side-by-side performance of strata-img and qemu-img on the same images, in one run.
+#
+# Usage: tests/perf/compare.sh [workdir]      (default workdir: a new temporary folder)
+# Env:   RUNS=3 (repetitions per row; the median is reported), SIZE=1G
+#
+# Prints a Markdown table: for each row the median wall time of qemu-img and of
+# strata-img and the ratio qemu/strata (above 1.0: Strata is faster). Every row runs
+# the same arguments through both tools on the same image; the image is recreated
+# between runs of write rows so that both tools start from the same state.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/../.." && pwd)
+work=${1:-$(mktemp -d)}
+runs=${RUNS:-3}
+size=${SIZE:-1G}
+mkdir -p "$work"
+
+cargo build --release -q -p strata-img --manifest-path "$here/Cargo.toml"
+strata="$here/target/release/strata-img"
+qemu=$(command -v qemu-img)
+
+now() { date +%s.%N; }
+# median of the times printed by running "$@" $runs times (each run prints nothing)
+timeit() {
+    local prep=$1; shift
+    local ts=()
+    for _ in $(seq "$runs"); do
+        eval "$prep"
+        local t0 t1
+        t0=$(now)
+        "$@" >/dev/null
+        t1=$(now)
+        ts+=("$(awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}')")
+    done
+    printf '%s\n' "${ts[@]}" | sort -n | awk '{a[NR]=$1} END {printf "%.3f", a[int((NR+1)/2)]}'
+}
+
+full="$work/full.qcow2"
+if [ ! -f "$full" ]; then
+    "$qemu" create -q -f qcow2 "$full" "$size"
+    qemu-io -c "write -P 0x5a 0 $size" "$full" >/dev/null
+fi
+empty="$work/empty.qcow2"
+fresh_empty="\"$qemu\" create -q -f qcow2 \"$empty\" $size"
+
+row() { # name prep args...
+    local name=$1 prep=$2; shift 2
+    local tq ts
+    tq=$(timeit "$prep" "$qemu" "$@")
+    ts=$(timeit "$prep" "$strata" "$@")
+    printf '| %s | %s | %s | %s |\n' "$name" "$tq" "$ts" \
+        "$(awk -v q="$tq" -v s="$ts" 'BEGIN {printf "%.2f", q / s}')"
+}
+
+echo "| row | qemu-img (s) | strata-img (s) | ratio qemu/strata |"
+echo "| --- | ---: | ---: | ---: |"
+for bs in 4k 64k; do
+    count=$([ "$bs" = 4k ] && echo 100000 || echo 20000)
+    for depth in 1 32; do
+        row "bench read $bs qd$depth cache=none" ":" \
+            bench -f qcow2 -t none -d "$depth" -c "$count" -s "$bs" "$full"
+        row "bench write $bs qd$depth cache=none" ":" \
+            bench -f qcow2 -t none -w -d "$depth" -c "$count" -s "$bs" "$full"
+    done
+done
+for bs in 4k 64k; do
+    count=$([ "$bs" = 4k ] && echo 100000 || echo 16384)
+    row "bench allocating write $bs qd32 cache=none (empty image)" "$fresh_empty" \
+        bench -f qcow2 -t none -w -d 32 -c "$count" -s "$bs" "$empty"
+done
+rm -f "$work/out.qcow2" "$work/out.raw"
+row "convert qcow2 -> qcow2" "rm -f \"$work/out.qcow2\"" \
+    convert -f qcow2 -O qcow2 "$full" "$work/out.qcow2"
+row "convert qcow2 -> raw" "rm -f \"$work/out.raw\"" \
+    convert -f qcow2 -O raw "$full" "$work/out.raw"
