@@ -15,15 +15,19 @@
 //!   compared byte for byte with an in-memory model of the disk.
 //! - [`raw_model`]: the same for the raw driver.
 //! - [`qcow2_header`]: the qcow2 header parser alone, with a serialise/parse round trip.
+//! - [`qmp_json`]: the QMP monitor's JSON stream parser, split three ways, with a
+//!   print/parse round trip.
 
 mod header;
 mod model;
 mod open;
 mod pattern;
+mod qmp_json;
 
 pub use header::qcow2_header;
 pub use model::{qcow2_model, raw_model};
 pub use open::qcow2_open;
+pub use qmp_json::qmp_json;
 
 /// The most an in-memory image under test may grow to. Drivers that try to write past it
 /// get an error from the storage, never more memory.
@@ -38,4 +42,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("qcow2_model", qcow2_model),
     ("raw_model", raw_model),
     ("qcow2_header", qcow2_header),
+    ("qmp_json", qmp_json),
 ];

@@ -9,7 +9,8 @@
 //!   counts as whole when the discard runs to the end); a discarded cluster reads as
 //!   zeroes on compat=1.1, and on compat=0.10 reads through to the backing file (zeroes
 //!   without one);
-//! - raw over memory storage reads zeroes after a discard;
+//! - raw over memory storage reads zeroes after a discard, and a raw disk's size is its
+//!   storage's length rounded up to whole 512-byte sectors;
 //! - growing a disk makes the new area read as zeroes, even over a backing file that is
 //!   long enough to provide data there (as QEMU does);
 //! - shrinking may be refused while data is allocated past the new end.
@@ -411,8 +412,9 @@ pub fn raw_model(data: &[u8]) {
     .unwrap_or_else(|e| panic!("creating a raw image of {size} bytes failed: {e}"));
     let open = || open_on(st.clone(), Format::Raw, false, None).expect("opening raw failed");
     let mut img = open();
+    // A raw disk counts whole sectors: a partial last sector reads as zeroes.
     let mut model = Model {
-        data: vec![0; size as usize],
+        data: vec![0; size.div_ceil(512) as usize * 512],
         backing: Vec::new(),
     };
     let unit = 4096;
