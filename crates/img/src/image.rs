@@ -189,7 +189,9 @@ pub fn chain_status(
                 zero: next >= chain.len(),
                 data: false,
                 compressed: false,
-                offset: None,
+                // An unallocated subcluster of an allocated cluster still has a
+                // host offset, which QEMU reports at the bottom of the chain.
+                offset: if next >= chain.len() { st.offset } else { None },
             });
         }
         depth = next;

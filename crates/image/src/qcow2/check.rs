@@ -203,7 +203,7 @@ impl Qcow2 {
     ) -> Result<()> {
         let g = self.geo;
         let cs = g.cs;
-        let mut last_host = 0u64;
+        let mut last_host;
         for (i, &e) in l1.iter().enumerate() {
             let off = e & OFFSET_MASK;
             if off == 0 {
@@ -223,6 +223,8 @@ impl Qcow2 {
             if active {
                 w.active_l2.push((i, off));
             }
+            // QEMU measures fragmentation within each L2 table.
+            last_host = 0;
             m.load_l2(st, off)?;
             let table = m
                 .l2_cache
@@ -402,6 +404,7 @@ impl Qcow2 {
         let mut low = 0;
         let mut high = 0;
         let mut messages = std::mem::take(&mut w.report.messages);
+        let mut highest = 0u64;
         for (c, &want) in w.refs.iter().enumerate() {
             let stored = match m.refcount(st, c as u64) {
                 Ok(v) => v,
@@ -411,6 +414,9 @@ impl Qcow2 {
                 }
             };
             let want = want as u64;
+            if stored > 0 || want > 0 {
+                highest = highest.max(c as u64 + 1);
+            }
             if stored < want {
                 low += 1;
                 messages.push(format!(
@@ -434,7 +440,7 @@ impl Qcow2 {
             low,
             high,
             bad_blocks,
-            highest: w.highest,
+            highest,
             messages,
         })
     }
