@@ -17,13 +17,16 @@
 //! - [`qcow2_header`]: the qcow2 header parser alone, with a serialise/parse round trip.
 //! - [`qmp_json`]: the QMP monitor's JSON stream parser, split three ways, with a
 //!   print/parse round trip.
+//! - [`blockdev_options`]: `--blockdev` / `blockdev-add` options, key=value and JSON.
 
+mod blockdev;
 mod header;
 mod model;
 mod open;
 mod pattern;
 mod qmp_json;
 
+pub use blockdev::blockdev_options;
 pub use header::qcow2_header;
 pub use model::{qcow2_model, raw_model};
 pub use open::qcow2_open;
@@ -43,4 +46,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("raw_model", raw_model),
     ("qcow2_header", qcow2_header),
     ("qmp_json", qmp_json),
+    ("blockdev_options", blockdev_options),
 ];
