@@ -28,7 +28,7 @@ target_args() {
     case "$1" in
         qcow2_header) echo "-max_len=4096 -dict=dict/qcow2.dict" ;;
         qcow2_open) echo "-max_len=262144 -dict=dict/qcow2.dict" ;;
-        qcow2_model | raw_model) echo "-max_len=2048" ;;
+        qcow2_model | raw_model) echo "-max_len=1024 -len_control=0" ;;
         qmp_json) echo "-max_len=4096 -dict=dict/qmp.dict" ;;
         blockdev_options) echo "-max_len=1024 -dict=dict/blockdev.dict" ;;
         *) echo "unknown target $1" >&2; exit 2 ;;

@@ -18,7 +18,7 @@
 //! Every read, the final full read, and every block-status answer are compared with
 //! the model; after a final flush, `check` must report no corruption and no leak.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arbitrary::{Arbitrary, Unstructured};
 use strata_image::{
@@ -33,6 +33,13 @@ use crate::STORAGE_LIMIT;
 const MAX_SECTORS: u64 = 2048;
 /// Most operations run per input.
 const MAX_OPS: usize = 64;
+
+/// Whether to print the decoded configuration and operations to stderr
+/// (`STRATA_FUZZ_TRACE=1`), to read what a crashing input does.
+fn trace() -> bool {
+    static TRACE: OnceLock<bool> = OnceLock::new();
+    *TRACE.get_or_init(|| std::env::var_os("STRATA_FUZZ_TRACE").is_some())
+}
 
 /// Cluster sizes the qcow2 model exercises.
 #[derive(Debug, Clone, Copy, Arbitrary)]
@@ -246,6 +253,9 @@ pub fn qcow2_model(data: &[u8]) {
     let Ok(cfg) = Qcow2Config::arbitrary(&mut u) else {
         return;
     };
+    if trace() {
+        eprintln!("{cfg:?}");
+    }
     let cs = cfg.cluster.bytes();
     let v2 = cfg.compat_v2;
     let size = (u64::from(cfg.sectors) % MAX_SECTORS + 1) * 512;
@@ -292,6 +302,9 @@ pub fn qcow2_model(data: &[u8]) {
         let Ok(op) = Op::arbitrary(&mut u) else { break };
         ops += 1;
         let size = model.size();
+        if trace() {
+            eprintln!("{op:?} (size {size})");
+        }
         match op {
             Op::Read(r) => {
                 let (off, len) = r.resolve(size, cs);
@@ -398,6 +411,9 @@ pub fn raw_model(data: &[u8]) {
     let Ok(cfg) = RawConfig::arbitrary(&mut u) else {
         return;
     };
+    if trace() {
+        eprintln!("{cfg:?}");
+    }
     // Raw images need not be sector-aligned.
     let size = (u64::from(cfg.sectors) % MAX_SECTORS) * 512 + u64::from(cfg.unaligned_tail % 512);
     let st: Arc<dyn Storage> = Arc::new(MemStorage::new(Vec::new(), STORAGE_LIMIT));
@@ -424,6 +440,9 @@ pub fn raw_model(data: &[u8]) {
         let Ok(op) = Op::arbitrary(&mut u) else { break };
         ops += 1;
         let size = model.size();
+        if trace() {
+            eprintln!("{op:?} (size {size})");
+        }
         match op {
             Op::Read(r) => {
                 let (off, len) = r.resolve(size, unit);
