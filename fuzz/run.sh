@@ -61,7 +61,7 @@ run_all() {
             -artifact_prefix="artifacts/$t/" \
             >"$logs/$t.log" 2>&1
         local rc=$?
-        grep -E '^#[0-9]+ +DONE|^stat::number_of_executed_units|^stat::peak_rss_mb' "$logs/$t.log" | sed "s/^/  /"
+        grep -E '^#[0-9]+[[:space:]]+DONE|^stat::number_of_executed_units|^stat::peak_rss_mb' "$logs/$t.log" | sed "s/^/  /"
         if [ $rc -ne 0 ]; then
             echo "  FAILED (exit $rc); log: $logs/$t.log" >&2
             grep -E 'panicked at|ERROR: libFuzzer|ERROR: AddressSanitizer|SUMMARY|Test unit written' \
