@@ -85,6 +85,13 @@ impl BlockGraph {
         })
     }
 
+    /// Finds a node by node-name for the bitmap commands, with their error text
+    /// ("Node 'x' not found").
+    pub fn find_node(&self, node: &str) -> BlockResult<Arc<BlockNode>> {
+        self.node(node)
+            .ok_or_else(|| BlockError::generic(format!("Node '{node}' not found")))
+    }
+
     fn auto_name(&self) -> String {
         let mut s = self.lock();
         s.next_auto += 1;
@@ -265,6 +272,27 @@ impl BlockGraph {
                             )))
                         }
                     };
+                    let header_backing = q.info().ok().and_then(|i| i.backing_filename);
+                    let overridden = match backing {
+                        BackingRef::None => header_backing.is_some(),
+                        BackingRef::Child(_) => {
+                            backing_node.as_ref().map(|b| b.filename()) != header_backing.as_deref()
+                        }
+                        BackingRef::Default => false,
+                    };
+                    let filename = if overridden {
+                        // QEMU names a node whose backing differs from the image's
+                        // header by its options (bdrv_refresh_filename).
+                        format!(
+                            "json:{{\"backing\": {}, \"driver\": \"qcow2\", \"file\": {}}}",
+                            backing_node
+                                .as_ref()
+                                .map_or("null".to_string(), |b| b.json_options()),
+                            file_node.json_options()
+                        )
+                    } else {
+                        filename
+                    };
                     let node = BlockNode::new(
                         name,
                         implicit,
@@ -359,6 +387,11 @@ impl BlockGraph {
         let node = self.node(name).ok_or_else(|| {
             BlockError::generic(format!("Failed to find node with node-name='{name}'"))
         })?;
+        if let Some(reason) = node.blocker() {
+            return Err(BlockError::generic(format!(
+                "Node '{name}' is busy: {reason}"
+            )));
+        }
         if node.implicit() {
             return Err(BlockError::generic(format!(
                 "Node {name} is not owned by the monitor"
@@ -424,7 +457,7 @@ impl BlockGraph {
         node: &str,
         name: &str,
     ) -> BlockResult<(Arc<BlockNode>, Arc<DirtyBitmap>)> {
-        let n = self.lookup(Some(node), node)?;
+        let n = self.find_node(node)?;
         let b = n
             .bitmap(name)
             .ok_or_else(|| BlockError::generic(format!("Dirty bitmap '{name}' not found")))?;
@@ -459,15 +492,12 @@ impl BlockGraph {
         persistent: bool,
         disabled: bool,
     ) -> BlockResult<()> {
-        let n = self.lookup(Some(node), node)?;
+        // QEMU's order: empty name, node, granularity, what the image can store,
+        // then the bitmap's own name checks.
         if name.is_empty() {
             return Err(BlockError::generic("Bitmap name cannot be empty"));
         }
-        if n.bitmap(name).is_some() {
-            return Err(BlockError::generic(format!(
-                "Bitmap already exists: {name}"
-            )));
-        }
+        let n = self.lookup(Some(node), node)?;
         let g = granularity.unwrap_or_else(|| n.default_bitmap_granularity());
         check_granularity(g)?;
         if persistent {
@@ -490,6 +520,14 @@ impl BlockGraph {
                     "Can't make bitmap '{name}' persistent in '{node}': Name is too long"
                 )));
             }
+        }
+        if n.bitmap(name).is_some() {
+            return Err(BlockError::generic(format!(
+                "Bitmap already exists: {name}"
+            )));
+        }
+        if name.len() > MAX_BITMAP_NAME {
+            return Err(BlockError::generic(format!("Bitmap name too long: {name}")));
         }
         let b = DirtyBitmap::new(Some(name.to_string()), g, n.size())?;
         b.set_persistent(persistent);
@@ -532,7 +570,8 @@ impl BlockGraph {
         Self::check_modifiable(&t, target, false, n.read_only())?;
         let mut srcs = Vec::new();
         for s in sources {
-            let (_, b) = self.find_bitmap(&s.node, &s.name)?;
+            let (sn, b) = self.find_bitmap(&s.node, &s.name)?;
+            Self::check_modifiable(&b, &s.name, true, sn.read_only())?;
             if b.disk_size() != t.disk_size() {
                 return Err(BlockError::generic(format!(
                     "Bitmaps are of different sizes (destination size is {}, source size is {}) and can't be merged",
@@ -554,6 +593,9 @@ impl BlockGraph {
         Ok(json!({ "sha256": b.sha256() }))
     }
 }
+
+/// The longest dirty bitmap name QEMU accepts (`BDRV_BITMAP_MAX_NAME_SIZE`).
+const MAX_BITMAP_NAME: usize = 1023;
 
 fn open_error(filename: &str) -> impl Fn(strata_image::Error) -> BlockError + '_ {
     move |e| match e {

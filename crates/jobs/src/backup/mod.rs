@@ -217,6 +217,9 @@ pub fn validate(p: &BackupParams) -> Result<u64, String> {
             p.target.name()
         ));
     }
+    if let Some(reason) = p.target.blocker() {
+        return Err(format!("Node '{}' is busy: {reason}", p.target.name()));
+    }
     if p.perf.max_workers < 1 || p.perf.max_workers > i32::MAX as i64 {
         return Err("max-workers must be between 1 and 2147483647".into());
     }
@@ -275,7 +278,9 @@ pub fn create_backup(
                 return Err(format!("Invalid node-name: '{n}'"));
             }
             if graph.node(n).is_some() {
-                return Err(format!("Duplicate nodes with node-name='{n}'"));
+                return Err(format!(
+                    "Could not create node: Duplicate nodes with node-name='{n}'"
+                ));
             }
             n.clone()
         }
@@ -310,6 +315,10 @@ pub fn create_backup(
         .create(&job_id, driver.clone(), job_opts)
         .map_err(|e| e.0)?;
     graph.insert_node(filter).map_err(|e| e.desc)?;
+    driver
+        .params
+        .target
+        .set_blocker(Some("block device is in use by block job: backup".into()));
     // From here on every write to the source passes the hook; the drain inside
     // add_hook makes the start a point in time.
     driver.params.source.add_hook(driver.hook_dyn.clone());
@@ -549,6 +558,7 @@ impl JobDriver for BackupJob {
     }
 
     fn clean(&self) {
+        self.params.target.set_blocker(None);
         self.params.source.remove_hook(&self.hook_dyn);
         if let Err(e) = self.graph.remove_node(&self.filter) {
             tracing::warn!("removing the copy-before-write filter: {e}");
