@@ -15,7 +15,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import run_pair, qemu_img, QmpError  # noqa: E402
+from harness import have, run_pair, qemu_img, QmpError  # noqa: E402
 
 MIB = 1 << 20
 # progress numbers that depend on timing
@@ -250,17 +250,23 @@ def s_incremental(start, w):
         d.note(f"bitmap after {mode}", [n.get("dirty-bitmaps") for n in r
                                         if n["node-name"] == "src"])
         d.hmp("src", f"write -P 0x3{i} {20 + i}M 64k")
-    # a cancelled bitmap backup: on-success keeps the bits, always clears the copied ones
-    for mode in ("on-success", "always"):
-        tn = img(w, f"c-{mode}.qcow2")
-        d.ok("blockdev-add", driver="qcow2", node_name=f"c-{mode}",
-             file={"driver": "file", "filename": tn})
-        d.cmd("blockdev-backup", device="src", target=f"c-{mode}", sync="incremental"
-              if mode == "on-success" else "bitmap", bitmap="bm", bitmap_mode=mode,
-              job_id="c", speed=1)
-        d.cmd("job-cancel", id="c")
-        wait_gone(d, "c")
-        d.cmd("x-debug-block-dirty-bitmap-sha256", node="src", name="bm")
+    # a cancelled incremental backup keeps every bit (what always-mode clears on
+    # cancel depends on how far the copy got, so it is not compared)
+    tn = img(w, "c.qcow2")
+    d.ok("blockdev-add", driver="qcow2", node_name="c", file={"driver": "file", "filename": tn})
+    d.cmd("blockdev-backup", device="src", target="c", sync="incremental", bitmap="bm",
+          job_id="c", speed=1)
+    d.cmd("job-cancel", id="c")
+    wait_gone(d, "c")
+    d.cmd("x-debug-block-dirty-bitmap-sha256", node="src", name="bm")
+    # a backup whose transaction aborts never starts and leaves the bitmap alone
+    d.cmd("transaction", actions=[
+        {"type": "blockdev-backup", "data": {"device": "src", "target": "c", "sync": "bitmap",
+                                             "bitmap": "bm", "bitmap-mode": "always",
+                                             "job-id": "t"}},
+        {"type": "abort", "data": {}}])
+    d.cmd("x-debug-block-dirty-bitmap-sha256", node="src", name="bm")
+    jobs(d, "after abort")
 
 
 def s_point_in_time(start, w):
@@ -372,6 +378,10 @@ def main(names):
     failed = 0
     for name in names or SCENARIOS:
         fn, kinds = SCENARIOS[name]
+        missing = [k for k in kinds if not have(k)]
+        if missing:
+            print(f"SKIP {name}: {', '.join(missing)} not installed")
+            continue
         timed = any(x in name for x in ("cancel", "incremental", "validation"))
         blips = name in ("validation", "point_in_time", "incremental_chain")
         diffs = run_pair(fn, kinds, drop=TIMED if timed else (),

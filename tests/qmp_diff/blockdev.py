@@ -11,7 +11,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import run_pair, qemu_img, QmpError  # noqa: E402
+from harness import have, run_pair, qemu_img, QmpError  # noqa: E402
 
 MIB = 1 << 20
 
@@ -309,6 +309,10 @@ def main(names):
     failed = 0
     for name in names or SCENARIOS:
         fn, kinds = SCENARIOS[name]
+        missing = [k for k in kinds if not have(k)]
+        if missing:
+            print(f"SKIP {name}: {', '.join(missing)} not installed")
+            continue
         diffs = run_pair(fn, kinds)
         if diffs:
             failed += 1

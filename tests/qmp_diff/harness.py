@@ -6,6 +6,7 @@ two such transcripts.
 Every child process is started in its own process group and killed when the
 scenario ends, whatever happens.
 """
+import atexit
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -33,6 +35,23 @@ def kill_all():
             except OSError:
                 pass
             p.wait()
+
+
+atexit.register(kill_all)
+
+
+def _on_term(signum, frame):
+    kill_all()
+    sys.exit(128 + signum)
+
+
+signal.signal(signal.SIGTERM, _on_term)
+
+
+def have(kind):
+    """Whether the program for a daemon kind is installed."""
+    prog = {"qsd": QSD, "qsys": QSYS, "strata": STRATA}[kind]
+    return shutil.which(prog) is not None or os.path.exists(prog)
 
 
 class QmpError(Exception):
@@ -65,6 +84,8 @@ class Daemon:
             for b in blockdevs:
                 argv += ["--blockdev", b]
         argv += list(extra)
+        if os.path.exists(self.sock_path):  # left by an earlier daemon
+            os.unlink(self.sock_path)
         self.stderr_path = os.path.join(workdir, f"{kind}.stderr")
         self.proc = subprocess.Popen(argv, cwd=workdir, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL,

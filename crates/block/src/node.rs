@@ -49,6 +49,8 @@ pub struct BlockNode {
     tracker: RequestTracker,
     hooks: RwLock<Vec<Arc<dyn BeforeWrite>>>,
     blocker: std::sync::Mutex<Option<String>>,
+    /// Names of the bitmaps loaded from the image, in its directory order.
+    loaded_bitmaps: std::sync::Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for BlockNode {
@@ -86,6 +88,7 @@ impl BlockNode {
             tracker: RequestTracker::default(),
             hooks: RwLock::new(Vec::new()),
             blocker: std::sync::Mutex::new(None),
+            loaded_bitmaps: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -354,7 +357,12 @@ impl BlockNode {
         };
         pb.track_externally();
         let size = self.size();
-        for sb in pb.load_bitmaps()? {
+        let stored = pb.load_bitmaps()?;
+        *self
+            .loaded_bitmaps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = stored.iter().map(|b| b.name.clone()).collect();
+        for sb in stored {
             let b = DirtyBitmap::new(Some(sb.name.clone()), sb.granularity, size)?;
             b.load_bytes(&sb.bits);
             b.set_enabled(sb.enabled && !sb.in_use);
@@ -395,8 +403,18 @@ impl BlockNode {
                 })
             })
             .collect();
-        // The node keeps newest first; the image keeps oldest first.
-        list.reverse();
+        // QEMU's directory order: bitmaps that came from the image keep their
+        // places, new ones follow in the node's order (newest first).
+        let loaded = self
+            .loaded_bitmaps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let pos = |b: &StoredBitmap| loaded.iter().position(|n| *n == b.name);
+        let (mut old, new): (Vec<_>, Vec<_>) = list.drain(..).partition(|b| pos(b).is_some());
+        old.sort_by_key(|b| pos(b));
+        old.extend(new);
+        let list = old;
         pb.store_bitmaps(&list)?;
         Ok(())
     }

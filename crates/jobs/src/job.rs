@@ -519,6 +519,24 @@ impl Job {
         self.transition(&mut st, JobStatus::Null);
     }
 
+    /// Cancels a job that was created but never started (a transaction that
+    /// aborted): QEMU takes it through aborting and concluded to null, with no
+    /// BLOCK_JOB_CANCELLED.
+    pub fn cancel_unstarted(&self) {
+        let mut st = self.lock();
+        if st.status != JobStatus::Created {
+            return;
+        }
+        st.cancelled = true;
+        self.transition(&mut st, JobStatus::Aborting);
+        drop(st);
+        self.driver().abort();
+        self.driver().clean();
+        st = self.lock();
+        self.transition(&mut st, JobStatus::Concluded);
+        self.transition(&mut st, JobStatus::Null);
+    }
+
     /// Ends the drained section a job was started in: waits until the job has
     /// paused at its first pause point, releases it, and waits until it runs again,
     /// so that the events come in QEMU's order before the starting command returns.

@@ -252,6 +252,8 @@ pub struct BackupJob {
     filter: Arc<BlockNode>,
     successor: Mutex<Option<Arc<DirtyBitmap>>>,
     succeeded: Mutex<bool>,
+    /// Whether `run` was entered (a transaction may abort the job before).
+    started: std::sync::atomic::AtomicBool,
 }
 
 /// Validates, inserts the copy-before-write filter and creates the job (status
@@ -309,6 +311,7 @@ pub fn create_backup(
         filter: filter.clone(),
         successor: Mutex::new(None),
         succeeded: Mutex::new(false),
+        started: std::sync::atomic::AtomicBool::new(false),
         params,
     });
     let job = jobs
@@ -488,7 +491,13 @@ impl BackupJob {
             .take();
         let sync = (success || mode == BitmapMode::Always) && mode != BitmapMode::Never;
         let r = if sync { b.abdicate() } else { b.reclaim() };
-        if sync && !success {
+        let started = self.started.load(std::sync::atomic::Ordering::SeqCst);
+        if sync && !success && !started {
+            // QEMU's copy bitmap starts all dirty and is narrowed to the sync
+            // bitmap only when the job runs, so a job that never ran leaves the
+            // whole disk dirty.
+            b.set_range(0, self.bcs.source().size());
+        } else if sync && !success {
             // Bits the job did not copy stay dirty.
             let c = self.bcs.cluster();
             let size = self.bcs.source().size();
@@ -516,6 +525,8 @@ impl JobDriver for BackupJob {
     }
 
     fn run(&self, ctx: &JobContext) -> Result<(), String> {
+        self.started
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let progress_job = ctx.progress_handle();
         self.bcs
             .set_progress(Arc::new(move |n| progress_job.add_done(n)));

@@ -301,7 +301,7 @@ pub(super) fn prepare(
         }
         Ok(job) => {
             let j = job.clone();
-            Ok((job, Box::new(move || j.discard())))
+            Ok((job, Box::new(move || j.cancel_unstarted())))
         }
         Err(e) => {
             drop_target(state);
