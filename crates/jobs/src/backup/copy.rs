@@ -294,27 +294,23 @@ impl BlockCopy {
                 Kind::Zero => {
                     self.target
                         .write_zeroes(pos, run, true)
-                        .map_err(|e| write_err(&e.desc))?;
+                        .map_err(|e| write_err(e.errno, &e.desc))?;
                 }
                 Kind::Data => {
                     let mut buf = vec![0u8; run as usize];
-                    src.read(&mut buf, pos).map_err(|e| CopyError {
-                        is_read: true,
-                        enospc: false,
-                        msg: e.to_string(),
-                    })?;
+                    src.read(&mut buf, pos).map_err(|e| read_err(&e))?;
                     if self.compress {
                         let tio = self.target.io().clone();
                         for (k, chunk) in buf.chunks(self.cluster as usize).enumerate() {
                             let o = pos + k as u64 * self.cluster;
                             tio.write_compressed(chunk, o)
-                                .map_err(|e| write_err(&e.to_string()))?;
+                                .map_err(|e| write_err(e.os_errno(), &e.to_string()))?;
                             self.target.mark_dirty(o, chunk.len() as u64);
                         }
                     } else {
                         self.target
                             .write(&buf, pos)
-                            .map_err(|e| write_err(&e.desc))?;
+                            .map_err(|e| write_err(e.errno, &e.desc))?;
                     }
                 }
             }
@@ -461,11 +457,26 @@ fn timeout_err() -> CopyError {
     }
 }
 
-fn write_err(msg: &str) -> CopyError {
+/// A failed target write; the message is the C library's text for the errno, as in
+/// QEMU's job events.
+fn write_err(errno: Option<i32>, msg: &str) -> CopyError {
     CopyError {
         is_read: false,
-        enospc: msg.contains("No space left"),
-        msg: msg.to_string(),
+        enospc: errno == Some(libc::ENOSPC),
+        msg: errno
+            .map(strata_block::strerror)
+            .unwrap_or_else(|| msg.to_string()),
+    }
+}
+
+fn read_err(e: &strata_image::Error) -> CopyError {
+    CopyError {
+        is_read: true,
+        enospc: false,
+        msg: e
+            .os_errno()
+            .map(strata_block::strerror)
+            .unwrap_or_else(|| e.to_string()),
     }
 }
 
