@@ -344,6 +344,36 @@ def s_incremental_chain(start, w):
         prev = tn
 
 
+def s_blkdebug_errors(start, w):
+    """Injected target write errors: report fails the job, stop pauses it with
+    io-status failed until resumed, ignore goes on."""
+    import subprocess
+    a = img(w, "a.qcow2")
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 2M", a], check=True,
+                   capture_output=True, timeout=60)
+    d = start([node("src", a)])
+    for i, (policy, once) in enumerate((("report", False), ("stop", True),
+                                        ("ignore", True), ("enospc", False))):
+        t = img(w, f"t{i}.raw", "raw", "64M")
+        d.ok("blockdev-add", driver="raw", node_name=f"t{i}",
+             file={"driver": "blkdebug",
+                   "inject-error": [{"event": "write_aio", "errno": 5, "once": once}],
+                   "image": {"driver": "file", "filename": t}})
+        job = f"j{i}"
+        d.cmd("blockdev-backup", device="src", target=f"t{i}", sync="full", job_id=job,
+              on_target_error=policy, auto_dismiss=False)
+        if policy == "stop":
+            d.wait_event("BLOCK_JOB_ERROR", device=job)
+            d.wait_event("JOB_STATUS_CHANGE", id=job, status="paused")
+            jobs(d, "stopped on error")
+            d.cmd("job-resume", id=job)
+            d.cmd("block-job-resume", device=job)
+        d.wait_event("JOB_STATUS_CHANGE", id=job, status="concluded")
+        jobs(d, f"{policy}: concluded")
+        d.cmd("job-dismiss", id=job)
+        wait_gone(d, job)
+
+
 def without_drain_blips(events):
     """Drops paused/running pairs: QEMU pauses running jobs for the drained
     section of every other backup command, Strata does not."""
@@ -367,6 +397,7 @@ SCENARIOS = {
     "drive_backup": (s_drive_backup, ("qsd", "strata")),
     "incremental": (s_incremental, ("qsys", "strata")),
     "point_in_time": (s_point_in_time, ("qsys", "strata")),
+    "blkdebug_errors": (s_blkdebug_errors, ("qsd", "strata")),
     "incremental_chain": (s_incremental_chain, ("qsys", "strata")),
 }
 
@@ -382,7 +413,7 @@ def main(names):
         if missing:
             print(f"SKIP {name}: {', '.join(missing)} not installed")
             continue
-        timed = any(x in name for x in ("cancel", "incremental", "validation"))
+        timed = any(x in name for x in ("cancel", "incremental", "validation", "blkdebug"))
         blips = name in ("validation", "point_in_time", "incremental_chain")
         diffs = run_pair(fn, kinds, drop=TIMED if timed else (),
                          compare_events=without_drain_blips if blips else None)

@@ -107,8 +107,8 @@ class Daemon:
                 self.sock.close()
                 time.sleep(0.01)
         self.sock.settimeout(30)
-        self.f = self.sock.makefile("rb")
-        greeting = self.f.readline()
+        self.buf = b""
+        greeting = self._line()
         if not greeting:
             raise QmpError(f"{kind}: no greeting: {self.stderr()}")
         self._id = 0
@@ -121,8 +121,19 @@ class Daemon:
         except OSError:
             return ""
 
+    def _line(self):
+        """One line from the monitor ("" at EOF); socket.timeout keeps what was read."""
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                line, self.buf = self.buf, b""
+                return line
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line + b"\n"
+
     def _read(self):
-        line = self.f.readline()
+        line = self._line()
         if not line:
             raise QmpError(f"{self.kind}: connection closed; stderr: {self.stderr()}")
         return json.loads(line)
