@@ -329,8 +329,8 @@ def run_pair(scenario, kinds, drop=(), events=True, compare_events=None):
         short = lambda evs: " ".join(  # noqa: E731
             e["data"].get("status", e["event"]) if e["event"] == "JOB_STATUS_CHANGE"
             else f'{e["event"]}{json.dumps(e.get("data", {}), sort_keys=True)}' for e in evs)
-        diffs.append(f"events differ from #{i}:\n    qemu:   {short(qe[i:i + 12])}"
-                     f"\n    strata: {short(se[i:i + 12])}")
+        diffs.append(f"events differ from #{i}:\n    qemu:   {short(qe[max(0, i - 3):i + 12])}"
+                     f"\n    strata: {short(se[max(0, i - 3):i + 12])}")
     return diffs
 
 

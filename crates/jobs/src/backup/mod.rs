@@ -362,14 +362,21 @@ impl BackupJob {
         (chunk / c).max(1)
     }
 
-    /// Finishes one background task; returns a fatal error message.
+    /// Finishes one background task; returns a fatal error message. Once the job
+    /// has failed (`failed`), further errors of tasks still in flight are not
+    /// reported again: QEMU emits one BLOCK_JOB_ERROR for the failure.
     fn finish_task(
         &self,
         ctx: &JobContext,
         (first, n): (u64, u64),
         r: Result<(), CopyError>,
+        failed: bool,
     ) -> Option<String> {
         match r {
+            Err(_) if failed => {
+                self.bcs.release(first, n, false);
+                None
+            }
             Ok(()) => {
                 self.bcs.release(first, n, true);
                 let c = self.bcs.cluster();
@@ -413,7 +420,7 @@ impl BackupJob {
             let result = loop {
                 while let Ok((range, r)) = res_rx.try_recv() {
                     inflight -= 1;
-                    if let Some(e) = self.finish_task(ctx, range, r) {
+                    if let Some(e) = self.finish_task(ctx, range, r, fatal.is_some()) {
                         fatal.get_or_insert(e);
                     }
                 }
@@ -454,7 +461,7 @@ impl BackupJob {
                 match res_rx.recv() {
                     Ok((range, r)) => {
                         inflight -= 1;
-                        if let Some(e) = self.finish_task(ctx, range, r) {
+                        if let Some(e) = self.finish_task(ctx, range, r, fatal.is_some()) {
                             fatal.get_or_insert(e);
                         }
                     }
