@@ -362,13 +362,14 @@ impl BackupJob {
         (chunk / c).max(1)
     }
 
-    /// Finishes one background task; returns a fatal error message. Once the job
-    /// has failed (`failed`), further errors of tasks still in flight are not
-    /// reported again: QEMU emits one BLOCK_JOB_ERROR for the failure.
+    /// Finishes one background task (started after `epoch` resumes); returns a fatal
+    /// error message. Once the job has failed (`failed`), further errors of tasks
+    /// still in flight are not reported again: QEMU emits one BLOCK_JOB_ERROR for
+    /// the failure.
     fn finish_task(
         &self,
         ctx: &JobContext,
-        (first, n): (u64, u64),
+        (first, n, epoch): (u64, u64, u64),
         r: Result<(), CopyError>,
         failed: bool,
     ) -> Option<String> {
@@ -382,6 +383,11 @@ impl BackupJob {
                 let c = self.bcs.cluster();
                 let size = self.bcs.source().size();
                 ctx.add_done(((first + n) * c).min(size) - first * c);
+                None
+            }
+            Err(_) if epoch < ctx.resumes() => {
+                // Started before the job was stopped and resumed: just retry it.
+                self.bcs.release(first, n, false);
                 None
             }
             Err(e) => {
@@ -398,9 +404,9 @@ impl BackupJob {
         let max_inflight = self.params.perf.max_workers.max(1) as usize;
         let threads = (max_inflight as u64).min(MAX_THREADS) as usize;
         let chunk = self.chunk_clusters();
-        let (task_tx, task_rx) = mpsc::channel::<(u64, u64)>();
+        let (task_tx, task_rx) = mpsc::channel::<(u64, u64, u64)>();
         let task_rx = Mutex::new(task_rx);
-        let (res_tx, res_rx) = mpsc::channel::<((u64, u64), Result<(), CopyError>)>();
+        let (res_tx, res_rx) = mpsc::channel::<((u64, u64, u64), Result<(), CopyError>)>();
         std::thread::scope(|s| {
             for _ in 0..threads {
                 let res_tx = res_tx.clone();
@@ -408,9 +414,9 @@ impl BackupJob {
                 let bcs = &self.bcs;
                 s.spawn(move || loop {
                     let t = task_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                    let Ok((f, n)) = t else { break };
+                    let Ok((f, n, epoch)) = t else { break };
                     let r = bcs.copy_clusters(f, n);
-                    if res_tx.send(((f, n), r)).is_err() {
+                    if res_tx.send(((f, n, epoch), r)).is_err() {
                         break;
                     }
                 });
@@ -442,7 +448,7 @@ impl BackupJob {
                     if let Some((f, n)) = self.bcs.claim_next(chunk) {
                         let c = self.bcs.cluster();
                         ctx.rate_delay(n * c);
-                        if task_tx.send((f, n)).is_err() {
+                        if task_tx.send((f, n, ctx.resumes())).is_err() {
                             self.bcs.release(f, n, false);
                             break Err("backup worker threads stopped".into());
                         }
@@ -471,7 +477,7 @@ impl BackupJob {
             drop(task_tx);
             while inflight > 0 {
                 match res_rx.recv() {
-                    Ok(((f, n), r)) => {
+                    Ok(((f, n, _), r)) => {
                         inflight -= 1;
                         self.bcs.release(f, n, r.is_ok());
                         if r.is_ok() {
