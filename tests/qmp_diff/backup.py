@@ -106,6 +106,7 @@ def s_pause_speed_cancel(start, w):
     # fill the source so that there is something to copy
     d.ok("blockdev-backup", device="src", target="tgt", sync="full", job_id="j",
          speed=64 * 1024)
+    d.started("j")
     time.sleep(0.4)
     r = d.ok("query-block-jobs")
     d.note("offset limited by speed", [j["offset"] <= 4 * MIB for j in r])
@@ -128,14 +129,17 @@ def s_pause_speed_cancel(start, w):
     wait_gone(d, "j")
     # cancel while running, and while paused with force
     d.ok("blockdev-backup", device="src", target="tgt", sync="full", job_id="c1", speed=1)
+    d.started("c1")
     d.cmd("block-job-cancel", device="c1")
     wait_gone(d, "c1")
     d.ok("blockdev-backup", device="src", target="tgt", sync="full", job_id="c2", speed=1)
+    d.started("c2")
     d.cmd("job-pause", id="c2")
     d.wait_event("JOB_STATUS_CHANGE", id="c2", status="paused")
     d.cmd("block-job-cancel", device="c2", force=True)
     wait_gone(d, "c2")
     d.ok("blockdev-backup", device="src", target="tgt", sync="none", job_id="c3")
+    d.started("c3")
     jobs(d, "sync=none")
     d.cmd("job-cancel", id="c3")
     wait_gone(d, "c3")
@@ -184,6 +188,7 @@ def s_validation(start, w):
     bb(device="src", target="tgt")
     bb(sync="full", filter_node_name="src", **common)
     d.cmd("blockdev-backup", sync="full", job_id="j", speed=1, **common)
+    d.started("j")
     bb(sync="full", job_id="j", **common)
     bb(sync="full", device="src", target="small", job_id="k")
     d.cmd("job-cancel", id="j")
@@ -256,6 +261,7 @@ def s_incremental(start, w):
     d.ok("blockdev-add", driver="qcow2", node_name="c", file={"driver": "file", "filename": tn})
     d.cmd("blockdev-backup", device="src", target="c", sync="incremental", bitmap="bm",
           job_id="c", speed=1)
+    d.started("c")
     d.cmd("job-cancel", id="c")
     wait_gone(d, "c")
     d.cmd("x-debug-block-dirty-bitmap-sha256", node="src", name="bm")

@@ -282,6 +282,7 @@ def s_busy_bitmap(start, w):
     d.hmp("q", "write 0 4M")
     d.ok("blockdev-backup", device="q", target="t", sync="bitmap", bitmap="b",
          bitmap_mode="on-success", speed=1, job_id="j", auto_finalize=False)
+    d.started("j")
     for c in ["remove", "clear", "enable", "disable"]:
         d.cmd(f"block-dirty-bitmap-{c}", node="q", name="b")
     d.ok("block-dirty-bitmap-add", node="q", name="c")

@@ -210,6 +210,12 @@ class Daemon:
             if "event" in r:
                 self.events.append(r)
 
+    def started(self, job):
+        """Waits until JOB runs after the paused/running blip of its start (QEMU
+        emits that blip asynchronously; a verb sent before it lands in between)."""
+        for st in ("created", "running", "paused", "running"):
+            self.wait_event("JOB_STATUS_CHANGE", id=job, status=st)
+
     def drain_events(self, quiet=0.2):
         """Collects events until none arrives for QUIET seconds."""
         self.sock.settimeout(quiet)
