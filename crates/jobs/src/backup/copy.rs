@@ -276,6 +276,17 @@ impl BlockCopy {
     /// Copies clusters `[first, first + n)` from source to target: zero areas as
     /// zero writes, data read and written (compressed when asked).
     pub fn copy_clusters(&self, first: u64, n: u64) -> Result<(), CopyError> {
+        self.copy_clusters_with(first, n, &mut Vec::new())
+    }
+
+    /// [`BlockCopy::copy_clusters`] with a caller's scratch buffer, reused across
+    /// calls so that a worker does not allocate (and fault in) a buffer per task.
+    pub fn copy_clusters_with(
+        &self,
+        first: u64,
+        n: u64,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), CopyError> {
         let off = first * self.cluster;
         let end = ((first + n) * self.cluster).min(self.size);
         let src = self.source.io().clone();
@@ -297,8 +308,11 @@ impl BlockCopy {
                         .map_err(|e| write_err(e.errno, &e.desc))?;
                 }
                 Kind::Data => {
-                    let mut buf = vec![0u8; run as usize];
-                    src.read(&mut buf, pos).map_err(|e| read_err(&e))?;
+                    if scratch.len() < run as usize {
+                        scratch.resize(run as usize, 0);
+                    }
+                    let buf = &mut scratch[..run as usize];
+                    src.read(buf, pos).map_err(|e| read_err(&e))?;
                     if self.compress {
                         let tio = self.target.io().clone();
                         for (k, chunk) in buf.chunks(self.cluster as usize).enumerate() {
@@ -309,7 +323,7 @@ impl BlockCopy {
                         }
                     } else {
                         self.target
-                            .write(&buf, pos)
+                            .write(buf, pos)
                             .map_err(|e| write_err(e.errno, &e.desc))?;
                     }
                 }

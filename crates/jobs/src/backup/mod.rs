@@ -233,6 +233,11 @@ pub fn validate(p: &BackupParams) -> Result<u64, String> {
     let cluster = DEFAULT_CLUSTER
         .max(p.target.io().cluster_size().unwrap_or(0))
         .max(mcs);
+    if p.source.size().div_ceil(cluster) > 1 << 33 {
+        return Err(
+            "The source is too large for the backup cluster size (use min-cluster-size)".into(),
+        );
+    }
     if p.perf.max_chunk != 0 && (p.perf.max_chunk as u64) < cluster {
         return Err(format!(
             "Required max-chunk ({}) is less than backup cluster size ({cluster})",
@@ -412,12 +417,15 @@ impl BackupJob {
                 let res_tx = res_tx.clone();
                 let task_rx = &task_rx;
                 let bcs = &self.bcs;
-                s.spawn(move || loop {
-                    let t = task_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                    let Ok((f, n, epoch)) = t else { break };
-                    let r = bcs.copy_clusters(f, n);
-                    if res_tx.send(((f, n, epoch), r)).is_err() {
-                        break;
+                s.spawn(move || {
+                    let mut scratch = Vec::new();
+                    loop {
+                        let t = task_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok((f, n, epoch)) = t else { break };
+                        let r = bcs.copy_clusters_with(f, n, &mut scratch);
+                        if res_tx.send(((f, n, epoch), r)).is_err() {
+                            break;
+                        }
                     }
                 });
             }
