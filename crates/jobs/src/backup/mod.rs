@@ -212,10 +212,9 @@ pub fn validate(p: &BackupParams) -> Result<u64, String> {
         return Err("Source and target image have different sizes".into());
     }
     if p.compress && p.target.io().format_name() != "qcow2" {
-        return Err(format!(
-            "Compression is not supported for this drive {}",
-            p.target.name()
-        ));
+        // QEMU names the target's device (BlockBackend); a node has none, so
+        // the name is empty.
+        return Err("Compression is not supported for this drive ".into());
     }
     if let Some(reason) = p.target.blocker() {
         return Err(format!("Node '{}' is busy: {reason}", p.target.name()));
@@ -228,7 +227,10 @@ pub fn validate(p: &BackupParams) -> Result<u64, String> {
     }
     let mcs = p.perf.min_cluster_size;
     if mcs != 0 && !mcs.is_power_of_two() {
-        return Err("min-cluster-size needs to be a power of 2".into());
+        return Err(
+            "Could not create node: Cannot create block-copy-state: min-cluster-size needs to be a power of 2"
+                .into(),
+        );
     }
     let cluster = DEFAULT_CLUSTER
         .max(p.target.io().cluster_size().unwrap_or(0))
@@ -282,7 +284,7 @@ pub fn create_backup(
     let filter_name = match &params.filter_node_name {
         Some(n) => {
             if !strata_block::graph::valid_node_name(n) {
-                return Err(format!("Invalid node-name: '{n}'"));
+                return Err(format!("Could not create node: Invalid node-name: '{n}'"));
             }
             if graph.node(n).is_some() {
                 return Err(format!(
