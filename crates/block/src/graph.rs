@@ -13,7 +13,9 @@ use crate::bitmap::{check_granularity, DirtyBitmap};
 use crate::error::{BlockError, BlockResult};
 use crate::node::{BlockNode, NodeSettings};
 use crate::null::NullDisk;
-use crate::options::{BackingRef, BlockdevOptions, ChildRef, DriverOptions};
+use crate::options::{
+    BackingRef, BlockdevOptions, ChildRef, DetectZeroes, DiscardMode, DriverOptions,
+};
 
 /// A bitmap named by node and name (a `block-dirty-bitmap-merge` source).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,12 +38,15 @@ pub struct BlockGraph {
     state: Mutex<State>,
 }
 
+/// The longest node name QEMU accepts (its buffer holds 32 bytes with the NUL);
+/// longer well-formed names get "Node name too long" after the duplicate check.
+pub const MAX_NODE_NAME: usize = 31;
+
 /// Checks a node name with QEMU's rules: a letter first, then letters, digits,
-/// '-', '.' and '_', at most 31 characters.
+/// '-', '.' and '_' (the length is checked separately).
 pub fn valid_node_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
-        && name.len() <= 31
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
 }
 
@@ -104,7 +109,21 @@ impl BlockGraph {
             BlockError::generic("'node-name' must be specified for the root node")
         })?;
         let _ = name;
-        self.open_node(opts, false)
+        let before = self.nodes();
+        let r = self.open_node(opts, false);
+        if r.is_err() {
+            // Inline children opened before the failure go away with it, as in QEMU.
+            let added: Vec<_> = self
+                .nodes()
+                .into_iter()
+                .filter(|n| !before.iter().any(|b| Arc::ptr_eq(b, n)))
+                .collect();
+            for n in added.iter().rev() {
+                let _ = n.close();
+                self.lock().nodes.retain(|x| !Arc::ptr_eq(x, n));
+            }
+        }
+        r
     }
 
     /// Opens a node that the graph names itself when `node_name` is absent (targets
@@ -148,6 +167,9 @@ impl BlockGraph {
                         "Duplicate nodes with node-name='{n}'"
                     )));
                 }
+                if n.len() > MAX_NODE_NAME {
+                    return Err(BlockError::generic("Node name too long"));
+                }
                 (n.clone(), false)
             }
             None if implicit_ok => (self.auto_name(), true),
@@ -157,6 +179,11 @@ impl BlockGraph {
                 ))
             }
         };
+        if opts.detect_zeroes == DetectZeroes::Unmap && opts.discard != DiscardMode::Unmap {
+            return Err(BlockError::generic(
+                "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
+            ));
+        }
         let settings = NodeSettings {
             read_only: opts.read_only,
             cache_direct: opts.cache_direct,
@@ -220,7 +247,12 @@ impl BlockGraph {
                 Arc::new(NullDisk::new(*size)),
                 None,
                 None,
-                "null-co://".into(),
+                // QEMU names it by its options when they differ from the defaults.
+                if *size == 1 << 30 {
+                    "null-co://".into()
+                } else {
+                    format!("json:{{\"driver\": \"null-co\", \"size\": {size}}}")
+                },
                 settings,
             ),
             DriverOptions::Format {
@@ -253,7 +285,12 @@ impl BlockGraph {
                     let force = matches!(backing, BackingRef::Child(_));
                     let mut opener = |bname: &str, bfmt: Option<&str>| {
                         let r = match backing {
-                            BackingRef::Child(c) => self.child(c, opts),
+                            BackingRef::Child(c) => self.child(c, opts).map_err(|e| {
+                                BlockError::generic(format!(
+                                    "Could not open backing file: {}",
+                                    e.desc
+                                ))
+                            }),
                             _ => self.open_implicit_backing(&filename, bname, bfmt, cache),
                         };
                         match r {
@@ -287,11 +324,9 @@ impl BlockGraph {
                     let q = match (q, open_err) {
                         (Ok(q), _) => q,
                         (Err(_), Some(e)) => return Err(e),
-                        (Err(e), None) => {
-                            return Err(BlockError::generic(format!(
-                                "Could not open '{filename}': {e}"
-                            )))
-                        }
+                        // The format driver's own message, as QEMU reports it
+                        // ("Image is not in qcow2 format").
+                        (Err(e), None) => return Err(BlockError::generic(e.to_string())),
                     };
                     let header_backing = q.info().ok().and_then(|i| i.backing_filename);
                     let overridden = match backing {

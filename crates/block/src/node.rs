@@ -570,6 +570,9 @@ pub fn image_info_json(
             );
         }
     }
-    v["dirty-flag"] = json!(info.and_then(|i| i.dirty_flag).unwrap_or(false));
+    // null-co has no bdrv_get_info in QEMU, so no dirty-flag either.
+    if driver != "null-co" {
+        v["dirty-flag"] = json!(info.and_then(|i| i.dirty_flag).unwrap_or(false));
+    }
     v
 }

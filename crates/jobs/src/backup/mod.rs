@@ -291,6 +291,9 @@ pub fn create_backup(
                     "Could not create node: Duplicate nodes with node-name='{n}'"
                 ));
             }
+            if n.len() > strata_block::graph::MAX_NODE_NAME {
+                return Err("Could not create node: Node name too long".into());
+            }
             n.clone()
         }
         None => graph.new_auto_name(),
