@@ -313,6 +313,35 @@ def s_busy_bitmap(start, w):
     d.wait_event("JOB_STATUS_CHANGE", id="j", status="null")
 
 
+def s_stored_bitmaps(start, w):
+    """Bitmaps qemu-img stored, on a read-only and on a writable node."""
+    a = img(w, "a.qcow2")
+    for args in (["--add", "-g", "131072", "p"], ["--add", "--disable", "off"]):
+        rc, out = qemu_img("bitmap", *args[:-1], a, args[-1])
+        if rc != 0:
+            raise QmpError(out)
+    rc, out = qemu_img("bitmap", "--add", a, "x")
+    d = start([f"driver=qcow2,node-name=ro,read-only=on,file.driver=file,file.filename={a}"])
+    query_nodes(d)
+    for c in ("clear", "enable", "disable", "remove"):
+        d.cmd(f"block-dirty-bitmap-{c}", node="ro", name="p")
+    d.cmd("block-dirty-bitmap-merge", node="ro", target="p", bitmaps=["off"])
+    d.cmd("block-dirty-bitmap-add", node="ro", name="n")
+    d.cmd("block-dirty-bitmap-merge", node="ro", target="n", bitmaps=["p", "off"])
+    d.cmd("x-debug-block-dirty-bitmap-sha256", node="ro", name="p")
+    d.cmd("block-dirty-bitmap-remove", node="ro", name="n")
+    d.ok("blockdev-del", node_name="ro")
+    d.cmd("blockdev-add", driver="qcow2", node_name="rw",
+          file={"driver": "file", "filename": a})
+    query_nodes(d)
+    d.cmd("block-dirty-bitmap-remove", node="rw", name="x")
+    d.cmd("block-dirty-bitmap-add", node="rw", name="p", persistent=True)
+    d.cmd("block-dirty-bitmap-enable", node="rw", name="off")
+    d.cmd("block-dirty-bitmap-disable", node="rw", name="p")
+    d.ok("blockdev-del", node_name="rw")
+    d.note("stored", qemu_img("info", "--output=json", a)[1].count('"name"'))
+
+
 SCENARIOS = {
     "blockdev_add_del": (s_blockdev_add_del, ("qsd", "strata")),
     "query_block_resize": (s_query_block_resize, ("qsd", "strata")),
@@ -320,6 +349,7 @@ SCENARIOS = {
     "bitmap_writes": (s_bitmap_writes, ("qsys", "strata")),
     "transaction": (s_transaction, ("qsd", "strata")),
     "busy_bitmap": (s_busy_bitmap, ("qsys", "strata")),
+    "stored_bitmaps": (s_stored_bitmaps, ("qsd", "strata")),
 }
 
 

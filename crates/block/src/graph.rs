@@ -600,6 +600,13 @@ impl BlockGraph {
                 "Bitmap '{name}' is currently in use by another operation and cannot be used"
             )));
         }
+        // QEMU checks busy and read-only here, not inconsistent: an inconsistent
+        // bitmap can (only) be removed.
+        if n.read_only() && b.persistent() {
+            return Err(BlockError::generic(format!(
+                "Bitmap '{name}' is readonly and cannot be modified"
+            )));
+        }
         n.remove_bitmap(&b);
         Ok(())
     }
