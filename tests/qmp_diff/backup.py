@@ -327,7 +327,8 @@ def s_point_in_time(start, w):
 
 
 def s_incremental_chain(start, w):
-    """Full backup plus incrementals; each layer reproduces the source."""
+    """Full backup plus incrementals while stamps are written during each job;
+    each layer (backing = the previous one) equals the source at its job's start."""
     a = img(w, "a.qcow2")
     d = start([node("src", a)])
     d.ok("block-dirty-bitmap-add", node="src", name="bm")
@@ -337,27 +338,30 @@ def s_incremental_chain(start, w):
         tn = os.path.join(w, f"b{i}.qcow2")
         if prev is None:
             img(w, f"b{i}.qcow2")
-            sync = "full"
         else:
             img(w, f"b{i}.qcow2", "qcow2", "64M", "-F", "qcow2", "-b", os.path.basename(prev))
-            sync = "incremental"
         d.ok("blockdev-add", driver="qcow2", node_name=f"b{i}", backing=None,
              file={"driver": "file", "filename": tn})
-        extra = {"bitmap": "bm"} if sync == "incremental" else {}
-        if sync == "full":
+        # the source at the job's start
+        d.hmp("src", "flush")
+        snap = os.path.join(w, f"snap{i}.qcow2")
+        qemu_img("convert", "-U", "-O", "qcow2", a, snap)
+        common = {"device": "src", "target": f"b{i}", "job-id": "j",
+                  "speed": (8 if prev else 64) << 20, "filter-node-name": "cbw"}
+        if prev is None:
             # clear the bitmap atomically with the full backup's start
             d.ok("transaction", actions=[
                 {"type": "block-dirty-bitmap-clear", "data": {"node": "src", "name": "bm"}},
-                {"type": "blockdev-backup", "data": {"device": "src", "target": f"b{i}",
-                                                     "sync": "full", "job-id": "j"}}])
+                {"type": "blockdev-backup", "data": dict(common, sync="full")}])
         else:
-            d.ok("blockdev-backup", device="src", target=f"b{i}", sync=sync, job_id="j",
-                 **extra)
+            d.ok("transaction", actions=[
+                {"type": "blockdev-backup",
+                 "data": dict(common, sync="incremental", bitmap="bm")}])
+        # guest writes during the job: over the areas the bitmap names and new ones
+        for k in range(6):
+            d.hmp("cbw", f"write -P 0x{0x40 + 8 * i + k:02x} {(k * 7 + i) % 64}M 128k")
         wait_gone(d, "j")
         d.ok("blockdev-del", node_name=f"b{i}")
-        d.hmp("src", "flush")
-        snap = os.path.join(w, f"snap{i}.qcow2")
-        rc, out = qemu_img("convert", "-U", "-O", "qcow2", a, snap)
         compare(d, snap, tn, f"chain layer {i}")
         d.hmp("src", f"write -P 0x{0x10 + i:02x} {3 * i + 1}M 1M")
         prev = tn
