@@ -399,7 +399,20 @@ impl Meta {
     /// and growing the refcount table when needed.
     pub fn update_refcount(&mut self, st: &dyn Storage, idx: u64, delta: i64) -> Result<()> {
         let rbi = idx / self.geo.rb_entries;
-        let off = self.ensure_rb(st, rbi)?;
+        let off = if delta < 0 {
+            // Lowering a refcount never creates refcount structures: a missing block
+            // means the refcount is already zero.
+            match self.rb_offset(rbi)? {
+                0 => {
+                    return Err(Error::corrupt(format!(
+                        "Refcount underflow for cluster {idx}"
+                    )))
+                }
+                off => off,
+            }
+        } else {
+            self.ensure_rb(st, rbi)?
+        };
         self.load_rb(st, off)?;
         let i = (idx % self.geo.rb_entries) as usize;
         let order = self.geo.refcount_order;
