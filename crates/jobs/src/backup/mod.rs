@@ -153,6 +153,37 @@ pub struct BackupParams {
     pub job: JobOptions,
 }
 
+impl BackupParams {
+    /// A backup of `source` to an existing `target` with QEMU's defaults for every
+    /// optional member (no bitmap, errors reported, no speed limit, auto-finalize and
+    /// auto-dismiss); set fields to change them.
+    pub fn new(
+        job_id: impl Into<String>,
+        source: Arc<BlockNode>,
+        target: Arc<BlockNode>,
+        sync: SyncMode,
+    ) -> Self {
+        BackupParams {
+            job_id: job_id.into(),
+            source,
+            target,
+            target_owned: false,
+            sync,
+            bitmap: None,
+            bitmap_mode_without_bitmap: false,
+            compress: false,
+            on_source_error: OnError::Report,
+            on_target_error: OnError::Report,
+            filter_node_name: None,
+            discard_source: false,
+            perf: Perf::default(),
+            on_cbw_error: OnCbwError::BreakGuestWrite,
+            cbw_timeout: 0,
+            job: JobOptions::default(),
+        }
+    }
+}
+
 /// Checks a backup request with QEMU's messages (`do_backup_common` and
 /// `backup_job_create`); returns the job cluster size.
 pub fn validate(p: &BackupParams) -> Result<u64, String> {
