@@ -1,19 +1,23 @@
-//! A bounded least-recently-used cache of metadata tables keyed by host offset,
-//! with a dirty flag per table (L2 tables and refcount blocks).
+//! A bounded cache of metadata tables keyed by host offset (L2 tables, refcount
+//! blocks), with a dirty flag per table. Replacement follows the CLOCK algorithm: a
+//! lookup only sets a "referenced" bit, and eviction sweeps a hand over the slots,
+//! giving referenced tables a second chance, so both are O(1) amortised.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 struct Slot<T> {
+    key: u64,
     value: T,
     dirty: bool,
-    tick: u64,
+    referenced: bool,
 }
 
-/// An LRU cache holding at most `capacity` tables.
+/// A cache holding at most `capacity` tables.
 pub struct TableCache<T> {
-    map: HashMap<u64, Slot<T>>,
-    lru: BTreeMap<u64, u64>,
-    tick: u64,
+    slots: Vec<Option<Slot<T>>>,
+    index: HashMap<u64, usize>,
+    free: Vec<usize>,
+    hand: usize,
     capacity: usize,
 }
 
@@ -21,109 +25,133 @@ impl<T> TableCache<T> {
     /// A cache for at most `capacity` tables (at least 2).
     pub fn new(capacity: usize) -> Self {
         TableCache {
-            map: HashMap::new(),
-            lru: BTreeMap::new(),
-            tick: 0,
+            slots: Vec::new(),
+            index: HashMap::new(),
+            free: Vec::new(),
+            hand: 0,
             capacity: capacity.max(2),
-        }
-    }
-
-    fn touch(&mut self, key: u64) {
-        self.tick += 1;
-        let tick = self.tick;
-        if let Some(slot) = self.map.get_mut(&key) {
-            self.lru.remove(&slot.tick);
-            slot.tick = tick;
-            self.lru.insert(tick, key);
         }
     }
 
     /// Whether `key` is cached.
     pub fn contains(&self, key: u64) -> bool {
-        self.map.contains_key(&key)
+        self.index.contains_key(&key)
     }
 
-    /// The cached table at `key`, marking it most recently used.
+    fn slot_mut(&mut self, key: u64) -> Option<&mut Slot<T>> {
+        let i = *self.index.get(&key)?;
+        self.slots[i].as_mut()
+    }
+
+    /// The cached table at `key`, marking it recently used.
     pub fn get(&mut self, key: u64) -> Option<&T> {
-        if self.map.contains_key(&key) {
-            self.touch(key);
-        }
-        self.map.get(&key).map(|s| &s.value)
+        let s = self.slot_mut(key)?;
+        s.referenced = true;
+        Some(&s.value)
     }
 
     /// The cached table at `key` for modification; marks it dirty.
     pub fn get_mut(&mut self, key: u64) -> Option<&mut T> {
-        if self.map.contains_key(&key) {
-            self.touch(key);
-        }
-        self.map.get_mut(&key).map(|s| {
-            s.dirty = true;
-            &mut s.value
-        })
+        let s = self.slot_mut(key)?;
+        s.referenced = true;
+        s.dirty = true;
+        Some(&mut s.value)
     }
 
     /// Whether inserting a new table would evict one.
     pub fn is_full(&self) -> bool {
-        self.map.len() >= self.capacity
+        self.index.len() >= self.capacity
     }
 
-    /// The least recently used entry: (key, dirty).
-    pub fn victim(&self) -> Option<(u64, bool)> {
-        let (_, &key) = self.lru.iter().next()?;
-        self.map.get(&key).map(|s| (key, s.dirty))
+    /// The table to evict next: (key, dirty). Clears "referenced" bits as the hand
+    /// passes them.
+    pub fn victim(&mut self) -> Option<(u64, bool)> {
+        if self.index.is_empty() {
+            return None;
+        }
+        // Two sweeps at most: the first clears every referenced bit.
+        for _ in 0..2 * self.slots.len() {
+            if self.hand >= self.slots.len() {
+                self.hand = 0;
+            }
+            let i = self.hand;
+            self.hand += 1;
+            if let Some(s) = self.slots[i].as_mut() {
+                if s.referenced {
+                    s.referenced = false;
+                } else {
+                    return Some((s.key, s.dirty));
+                }
+            }
+        }
+        None
     }
 
     /// Inserts a table (which must not be cached yet).
     pub fn insert(&mut self, key: u64, value: T, dirty: bool) {
-        self.tick += 1;
-        if let Some(old) = self.map.insert(
-            key,
-            Slot {
-                value,
-                dirty,
-                tick: self.tick,
-            },
-        ) {
-            self.lru.remove(&old.tick);
+        if let Some(old) = self.index.get(&key).copied() {
+            self.slots[old] = None;
+            self.free.push(old);
         }
-        self.lru.insert(self.tick, key);
+        let slot = Slot {
+            key,
+            value,
+            dirty,
+            referenced: true,
+        };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(slot);
+                i
+            }
+            None => {
+                self.slots.push(Some(slot));
+                self.slots.len() - 1
+            }
+        };
+        self.index.insert(key, i);
     }
 
     /// Removes a table, returning it with its dirty flag.
     pub fn remove(&mut self, key: u64) -> Option<(T, bool)> {
-        let slot = self.map.remove(&key)?;
-        self.lru.remove(&slot.tick);
-        Some((slot.value, slot.dirty))
+        let i = self.index.remove(&key)?;
+        let s = self.slots[i].take()?;
+        self.free.push(i);
+        Some((s.value, s.dirty))
     }
 
     /// Keys of all dirty tables, in ascending order.
     pub fn dirty_keys(&self) -> Vec<u64> {
         let mut keys: Vec<u64> = self
-            .map
+            .slots
             .iter()
-            .filter(|(_, s)| s.dirty)
-            .map(|(&k, _)| k)
+            .flatten()
+            .filter(|s| s.dirty)
+            .map(|s| s.key)
             .collect();
         keys.sort_unstable();
         keys
     }
 
-    /// The table at `key` without touching LRU order or the dirty flag.
+    /// The table at `key` without touching its referenced bit or dirty flag.
     pub fn peek(&self, key: u64) -> Option<&T> {
-        self.map.get(&key).map(|s| &s.value)
+        let i = *self.index.get(&key)?;
+        self.slots[i].as_ref().map(|s| &s.value)
     }
 
     /// Marks a table clean (after it was written).
     pub fn mark_clean(&mut self, key: u64) {
-        if let Some(s) = self.map.get_mut(&key) {
+        if let Some(s) = self.slot_mut(key) {
             s.dirty = false;
         }
     }
 
     /// Drops every table.
     pub fn clear(&mut self) {
-        self.map.clear();
-        self.lru.clear();
+        self.slots.clear();
+        self.index.clear();
+        self.free.clear();
+        self.hand = 0;
     }
 }
 
@@ -132,18 +160,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn evicts_least_recently_used() {
+    fn second_chance_eviction() {
         let mut c = TableCache::new(2);
         c.insert(1, "a", false);
         c.insert(2, "b", true);
-        assert_eq!(c.get(1), Some(&"a"));
         assert!(c.is_full());
-        assert_eq!(c.victim(), Some((2, true)));
-        c.remove(2);
-        c.insert(3, "c", false);
+        // Both were just used: the sweep clears both bits and evicts the first.
         assert_eq!(c.victim(), Some((1, false)));
-        assert_eq!(c.dirty_keys(), Vec::<u64>::new());
+        // 2 is referenced again: the next victim is 1 (its bit was cleared).
+        c.get(2);
+        assert_eq!(c.victim(), Some((1, false)));
+        c.remove(1);
+        c.insert(3, "c", false);
+        assert_eq!(c.dirty_keys(), vec![2]);
         c.get_mut(3);
+        assert_eq!(c.dirty_keys(), vec![2, 3]);
+        c.mark_clean(2);
         assert_eq!(c.dirty_keys(), vec![3]);
+        assert_eq!(c.peek(3), Some(&"c"));
     }
 }

@@ -9,7 +9,7 @@ use crate::{Error, Result};
 use super::compress;
 use super::l2::{
     classify, compressed_entry, sub_state, ClusterType, SubState, BITMAP_ALL_ALLOC,
-    BITMAP_ALL_ZEROES, OFLAG_COPIED, OFLAG_ZERO,
+    BITMAP_ALL_ZEROES, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
 };
 use super::meta::{Meta, PendingFree};
 use super::Qcow2;
@@ -762,16 +762,33 @@ impl Qcow2 {
         let end = offset + len;
         let mut m = self.lock();
         let st = self.storage_ref();
+        // The L2 table the previous unit came from: later units of the same table are
+        // read from the cache without another lookup.
+        let mut loaded = 0u64;
         // (state, host offset of `pos` when the host cluster is known, end of the unit)
-        let state_at = |m: &mut Meta, pos: u64| -> Result<(SubState, Option<u64>, u64)> {
+        let mut state_at = |m: &mut Meta, pos: u64| -> Result<(SubState, Option<u64>, u64)> {
             let gc = pos >> g.cluster_bits;
             let l1i = (gc >> g.l2_bits) as usize;
-            if m.l2_offset(l1i)? == 0 {
+            let off = m.l2_offset(l1i)?;
+            if off == 0 {
                 // No L2 table: the whole table's span is unallocated.
                 let span_end = ((l1i as u64) + 1) * g.l2_span();
                 return Ok((SubState::Backing, None, span_end));
             }
-            let (entry, bitmap) = m.l2_entry(st, gc)?;
+            let cached = if off == loaded {
+                let idx = (gc & (g.l2_entries - 1)) as usize;
+                m.l2_cache.peek(off).map(|t| t.get(idx))
+            } else {
+                None
+            };
+            let (entry, bitmap) = match cached {
+                Some(e) if (e.0 & OFLAG_COMPRESSED != 0) || (e.0 & OFFSET_MASK) % g.cs == 0 => e,
+                _ => {
+                    let e = m.l2_entry(st, gc)?;
+                    loaded = off;
+                    e
+                }
+            };
             let sc = ((pos & (g.cs - 1)) >> g.sc_bits) as u32;
             let s = sub_state(entry, bitmap, sc, g.sc_bits, g.cluster_bits, g.ext)?;
             let host = match (s, classify(entry, g.cluster_bits, g.ext)) {
