@@ -35,12 +35,15 @@ pub mod features {
     pub const VERSION_1: u32 = 32;
 }
 
+/// Largest logical block size (QEMU accepts up to 2 MiB).
+pub const MAX_LOGICAL_BLOCK_SIZE: u32 = 2 << 20;
+
 /// How a device is set up (the export's or VMM's options).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceOptions {
     /// Serial returned by `GET_ID` (at most 20 bytes are used).
     pub serial: String,
-    /// Logical block size in bytes: a power of two, 512..=65536.
+    /// Logical block size in bytes: a power of two, 512..=2 MiB (QEMU's range).
     pub logical_block_size: u32,
     /// Number of request queues (at least 1).
     pub num_queues: u16,
@@ -81,9 +84,9 @@ impl DeviceOptions {
     /// Checks the options; returns a message naming the bad one.
     pub fn validate(&self) -> Result<(), String> {
         let bs = self.logical_block_size;
-        if !(512..=65536).contains(&bs) || !bs.is_power_of_two() {
+        if !(512..=MAX_LOGICAL_BLOCK_SIZE).contains(&bs) || !bs.is_power_of_two() {
             return Err(format!(
-                "logical-block-size must be a power of two between 512 and 65536, not {bs}"
+                "parameter logical-block-size must be a power of 2 between 512 and {MAX_LOGICAL_BLOCK_SIZE}"
             ));
         }
         if self.num_queues == 0 {

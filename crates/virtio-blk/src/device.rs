@@ -146,6 +146,7 @@ pub struct VirtioBlk<B: BlockBackend> {
     opts: DeviceOptions,
     acked: AtomicU64,
     writeback: AtomicBool,
+    default_writeback: bool,
     werror: ErrorAction,
     rerror: ErrorAction,
     iostatus: AtomicU8,
@@ -174,6 +175,7 @@ impl<B: BlockBackend> VirtioBlk<B> {
             opts,
             acked: AtomicU64::new(0),
             writeback: AtomicBool::new(true),
+            default_writeback: true,
             werror: ErrorAction::Report,
             rerror: ErrorAction::Report,
             iostatus: AtomicU8::new(0),
@@ -185,6 +187,14 @@ impl<B: BlockBackend> VirtioBlk<B> {
     pub fn with_error_policy(mut self, werror: ErrorAction, rerror: ErrorAction) -> Self {
         self.werror = werror;
         self.rerror = rerror;
+        self
+    }
+
+    /// Starts (and resets) in writethrough mode: every write is followed by a flush
+    /// until the driver enables writeback through the configuration space.
+    pub fn with_writethrough(mut self, writethrough: bool) -> Self {
+        self.default_writeback = !writethrough;
+        self.writeback = AtomicBool::new(!writethrough);
         self
     }
 
@@ -244,10 +254,11 @@ impl<B: BlockBackend> VirtioBlk<B> {
         self.writeback.load(Ordering::Relaxed)
     }
 
-    /// Back to the state after reset (writeback on, no features).
+    /// Back to the state after reset (initial cache mode, no features).
     pub fn reset(&self) {
         self.acked.store(0, Ordering::Relaxed);
-        self.writeback.store(true, Ordering::Relaxed);
+        self.writeback
+            .store(self.default_writeback, Ordering::Relaxed);
     }
 
     /// The io-status.
@@ -519,7 +530,9 @@ impl<B: BlockBackend> VirtioBlk<B> {
         M: GuestMemory,
     {
         let mut run = QueueRun::default();
-        let size = queue.size();
+        // Chains may be as long as the queue, or as long as `seg_max` allows (through
+        // indirect tables) when the transport's queue is smaller than the options say.
+        let size = queue.size().max(self.opts.queue_size);
         loop {
             queue.disable_notification(mem)?;
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
