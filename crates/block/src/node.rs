@@ -318,6 +318,7 @@ impl BlockNode {
         let Some(pb) = self.io.persistent_bitmaps() else {
             return Ok(());
         };
+        pb.track_externally();
         let size = self.size();
         for sb in pb.load_bitmaps()? {
             let b = DirtyBitmap::new(Some(sb.name.clone()), sb.granularity, size)?;

@@ -144,6 +144,9 @@ pub trait PersistentBitmaps {
     fn store_bitmaps(&self, bitmaps: &[StoredBitmap]) -> Result<()>;
     /// Marks every stored bitmap in use, as is done before an image is modified.
     fn mark_bitmaps_in_use(&self) -> Result<()>;
+    /// Declares that the caller (a block layer) loads, updates and stores the
+    /// bitmaps; the format then stops keeping them up to date itself.
+    fn track_externally(&self);
 }
 
 /// Format-specific information.

@@ -55,7 +55,8 @@ impl Raw {
 
 impl BlockIo for Raw {
     fn size(&self) -> u64 {
-        self.storage.size().unwrap_or(0)
+        // QEMU counts whole 512-byte sectors: a partial last sector reads as zeroes.
+        self.storage.size().unwrap_or(0).div_ceil(512) * 512
     }
 
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {

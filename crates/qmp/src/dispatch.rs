@@ -66,6 +66,25 @@ impl Command {
         }
     }
 
+    /// A command whose arguments deserialize into `A` (after the schema
+    /// check, so use the same member names, e.g. with
+    /// `#[serde(rename_all = "kebab-case")]`) and whose result serializes
+    /// from `R` (`()` answers `{}`).
+    pub fn typed<A, R, F>(name: impl Into<String>, f: F) -> Self
+    where
+        A: serde::de::DeserializeOwned,
+        R: serde::Serialize,
+        F: Fn(A, &Context<'_>) -> Result<R, QmpError> + Send + Sync + 'static,
+    {
+        Command::new(name, move |args, ctx| {
+            let a: A = serde_json::from_value(Value::Object(args.clone()))
+                .map_err(|e| QmpError::generic(format!("Invalid arguments: {e}")))?;
+            let r = f(a, ctx)?;
+            serde_json::to_value(r)
+                .map_err(|e| QmpError::generic(format!("Cannot encode the result: {e}")))
+        })
+    }
+
     fn raw(
         name: &str,
         handler: impl Fn(&Json, &Context<'_>) -> Result<Json, QmpError> + Send + Sync + 'static,
@@ -212,6 +231,90 @@ impl Context<'_> {
     }
 }
 
+/// QEMU's `SchemaInfo` (qapi/introspect.json), the element type of
+/// `query-qmp-schema`'s result.
+fn schema_info_type() -> Type {
+    let features = || Type::array(Type::Str);
+    let meta = Type::enumeration(
+        "SchemaMetaType",
+        &[
+            "builtin",
+            "enum",
+            "array",
+            "object",
+            "alternate",
+            "command",
+            "event",
+        ],
+    );
+    let json_type = Type::enumeration(
+        "JSONType",
+        &[
+            "string", "number", "int", "boolean", "null", "object", "array", "value",
+        ],
+    );
+    let enum_member = ObjectType::new("SchemaInfoEnumMember")
+        .member("name", Type::Str)
+        .optional("features", features());
+    let object_member = ObjectType::new("SchemaInfoObjectMember")
+        .member("name", Type::Str)
+        .member("type", Type::Str)
+        .optional("default", Type::Any)
+        .optional("features", features());
+    let variant = ObjectType::new("SchemaInfoObjectVariant")
+        .member("case", Type::Str)
+        .member("type", Type::Str);
+    let alt_member = ObjectType::new("SchemaInfoAlternateMember").member("type", Type::Str);
+    ObjectType::new("SchemaInfo")
+        .member("name", Type::Str)
+        .member("meta-type", meta)
+        .optional("features", features())
+        .variants(
+            "meta-type",
+            vec![
+                (
+                    "builtin".into(),
+                    ObjectType::new("SchemaInfoBuiltin").member("json-type", json_type),
+                ),
+                (
+                    "enum".into(),
+                    ObjectType::new("SchemaInfoEnum")
+                        .member("members", Type::array(enum_member.into_type()))
+                        .member("values", Type::array(Type::Str))
+                        .feature("deprecated"),
+                ),
+                (
+                    "array".into(),
+                    ObjectType::new("SchemaInfoArray").member("element-type", Type::Str),
+                ),
+                (
+                    "object".into(),
+                    ObjectType::new("SchemaInfoObject")
+                        .member("members", Type::array(object_member.into_type()))
+                        .optional("tag", Type::Str)
+                        .optional("variants", Type::array(variant.into_type())),
+                ),
+                (
+                    "alternate".into(),
+                    ObjectType::new("SchemaInfoAlternate")
+                        .member("members", Type::array(alt_member.into_type())),
+                ),
+                (
+                    "command".into(),
+                    ObjectType::new("SchemaInfoCommand")
+                        .member("arg-type", Type::Str)
+                        .member("ret-type", Type::Str)
+                        .optional("allow-oob", Type::Bool),
+                ),
+                (
+                    "event".into(),
+                    ObjectType::new("SchemaInfoEvent").member("arg-type", Type::Str),
+                ),
+            ],
+        )
+        .into_type()
+}
+
 fn version_type() -> Type {
     let triple = ObjectType::new("VersionTriple")
         .member("major", Type::Int)
@@ -259,12 +362,7 @@ impl Registry {
             })
             .returns(Type::array(ObjectType::new("CommandInfo").member("name", Type::Str).into_type())),
             Command::raw("query-qmp-schema", |_, ctx| Ok(ctx.registry.schema()))
-                .returns(Type::array(
-                    ObjectType::new("SchemaInfo")
-                        .member("name", Type::Str)
-                        .member("meta-type", Type::Str)
-                        .into_type(),
-                )),
+                .returns(Type::array(schema_info_type())),
             Command::raw("quit", |_, ctx| {
                 ctx.request_quit();
                 Ok(Json::Object(vec![]))
@@ -463,6 +561,18 @@ fn run(ctx: &Context<'_>, req: &Json) -> Result<Json, QmpError> {
     let empty = Json::Object(Vec::new());
     let args = req.get("arguments").unwrap_or(&empty);
     check_args(&cmd.args, args).map_err(QmpError::generic)?;
+    // A panicking handler is a bug in the embedding program; it must not take
+    // the monitor (or the executor thread) down.
+    let call = std::panic::AssertUnwindSafe(|| call_handler(cmd, args, ctx));
+    std::panic::catch_unwind(call).unwrap_or_else(|_| {
+        tracing::error!(command = %name, "QMP command handler panicked");
+        Err(QmpError::generic(format!(
+            "Internal error in command {name}"
+        )))
+    })
+}
+
+fn call_handler(cmd: &Command, args: &Json, ctx: &Context<'_>) -> Result<Json, QmpError> {
     match &cmd.handler {
         HandlerKind::Raw(h) => h(args, ctx),
         HandlerKind::Serde(h) => {
@@ -630,5 +740,131 @@ mod tests {
             ),
             r#"{"error": {"class": "GenericError", "desc": "Parameter 'null' does not accept value 'x'"}}"#
         );
+    }
+
+    #[test]
+    fn handler_panic_is_an_error() {
+        let mut reg = Registry::default();
+        reg.register(Command::new("boom", |_, _| panic!("handler bug")))
+            .unwrap();
+        let (out, ev, q) = session(&reg);
+        let s = |l: &str| send(&reg, &out, &ev, &q, l);
+        s(r#"{"execute":"qmp_capabilities"}"#);
+        assert_eq!(
+            s(r#"{"execute":"boom","id":1}"#),
+            r#"{"id": 1, "error": {"class": "GenericError", "desc": "Internal error in command boom"}}"#
+        );
+    }
+
+    #[test]
+    fn schema_shape() {
+        let mut reg = Registry::default();
+        let alt = Type::alternate("StrOrNull", vec![Type::Str, Type::Null]);
+        reg.register(
+            Command::new("x", |_, _| Ok(Value::Null))
+                .args(
+                    ObjectType::new("x-arg")
+                        .member("a", Type::enumeration("E", &["p", "q"]))
+                        .optional("b", Type::array(Type::Uint32))
+                        .feature("deprecated")
+                        .optional("c", alt),
+                )
+                .feature("unstable"),
+        )
+        .unwrap();
+        reg.register_event("EV", ObjectType::new("ev").member("id", Type::Str))
+            .unwrap();
+        let schema = reg.schema().to_serde();
+        let list = schema.as_array().unwrap();
+        let find = |n: &str| {
+            list.iter()
+                .find(|e| e["name"] == n)
+                .cloned()
+                .unwrap_or(Value::Null)
+        };
+        let x = find("x");
+        assert_eq!(x["meta-type"], "command");
+        assert_eq!(x["features"], serde_json::json!(["unstable"]));
+        assert!(x.get("allow-oob").is_none());
+        let ret = find(x["ret-type"].as_str().unwrap());
+        assert_eq!(ret["members"], serde_json::json!([]));
+        // all member-less objects share one name, as in QEMU
+        assert_eq!(find("quit")["arg-type"], x["ret-type"]);
+        assert_eq!(find("quit")["ret-type"], x["ret-type"]);
+        let args = find(x["arg-type"].as_str().unwrap());
+        assert_eq!(args["meta-type"], "object");
+        let m = args["members"].as_array().unwrap();
+        assert_eq!(m[0]["name"], "a");
+        assert!(m[0].get("default").is_none());
+        assert_eq!(
+            m[1],
+            serde_json::json!({"name": "b", "default": null, "type": "[int]", "features": ["deprecated"]})
+        );
+        let e = find(m[0]["type"].as_str().unwrap());
+        assert_eq!(
+            e,
+            serde_json::json!({"name": m[0]["type"], "meta-type": "enum", "members": [{"name": "p"}, {"name": "q"}], "values": ["p", "q"]})
+        );
+        assert_eq!(
+            find("[int]"),
+            serde_json::json!({"name": "[int]", "meta-type": "array", "element-type": "int"})
+        );
+        let alt = find(m[2]["type"].as_str().unwrap());
+        assert_eq!(alt["meta-type"], "alternate");
+        assert_eq!(
+            alt["members"],
+            serde_json::json!([{"type": "str"}, {"type": "null"}])
+        );
+        assert_eq!(find("EV")["meta-type"], "event");
+        assert_eq!(
+            find("int"),
+            serde_json::json!({"name": "int", "meta-type": "builtin", "json-type": "int"})
+        );
+    }
+
+    #[test]
+    fn typed_commands() {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "kebab-case")]
+        struct Args {
+            node_name: String,
+            size: Option<u64>,
+        }
+        #[derive(serde::Serialize)]
+        struct Ret {
+            node: String,
+            size: u64,
+        }
+        let mut reg = Registry::default();
+        reg.register(
+            Command::typed("resize", |a: Args, _| {
+                Ok(Ret {
+                    node: a.node_name,
+                    size: a.size.unwrap_or(0),
+                })
+            })
+            .args(
+                ObjectType::new("r")
+                    .member("node-name", Type::Str)
+                    .optional("size", Type::Uint64),
+            )
+            .returns(
+                ObjectType::new("R")
+                    .member("node", Type::Str)
+                    .member("size", Type::Int)
+                    .into_type(),
+            ),
+        )
+        .unwrap();
+        reg.register(Command::typed("unit", |_: Map<String, Value>, _| Ok(())))
+            .unwrap();
+        let (out, ev, q) = session(&reg);
+        let s = |l: &str| send(&reg, &out, &ev, &q, l);
+        s(r#"{"execute":"qmp_capabilities"}"#);
+        assert_eq!(
+            s(r#"{"execute":"resize","arguments":{"node-name":"n","size":5}}"#),
+            r#"{"return": {"size": 5, "node": "n"}}"#
+        );
+        assert_eq!(s(r#"{"execute":"unit"}"#), r#"{"return": {}}"#);
     }
 }

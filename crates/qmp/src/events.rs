@@ -20,12 +20,17 @@ impl std::fmt::Debug for EventSender {
     }
 }
 
-/// Builds an event message with the current time.
+/// Builds an event message with the current time (-1/-1 if the clock is
+/// before the epoch, as in QEMU).
 pub fn event_message(name: &str, data: Option<&serde_json::Value>) -> Json {
     let (secs, usecs) = match SystemTime::now().duration_since(UNIX_EPOCH) {
         Ok(d) => (d.as_secs() as i64, d.subsec_micros() as i64),
         Err(_) => (-1, -1),
     };
+    event_message_at(name, data, secs, usecs)
+}
+
+fn event_message_at(name: &str, data: Option<&serde_json::Value>, secs: i64, usecs: i64) -> Json {
     let mut m = vec![("event".to_string(), Json::Str(name.to_string()))];
     if let Some(d) = data {
         m.push(("data".to_string(), Json::from_serde(d)));
@@ -73,5 +78,30 @@ impl EventSender {
             Err(p) => p.into_inner(),
         };
         subs.push(Arc::downgrade(out));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::to_json_string;
+
+    #[test]
+    fn event_layout_matches_qemu() {
+        // as qemu-storage-daemon 10.0.2 prints JOB_STATUS_CHANGE
+        let data = serde_json::json!({"id": "j", "status": "created"});
+        assert_eq!(
+            to_json_string(&event_message_at(
+                "JOB_STATUS_CHANGE",
+                Some(&data),
+                1795753035,
+                789263
+            )),
+            r#"{"timestamp": {"seconds": 1795753035, "microseconds": 789263}, "event": "JOB_STATUS_CHANGE", "data": {"status": "created", "id": "j"}}"#
+        );
+        assert_eq!(
+            to_json_string(&event_message_at("STOP", None, 1, 2)),
+            r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}"#
+        );
     }
 }

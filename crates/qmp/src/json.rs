@@ -276,7 +276,9 @@ pub type Message = Result<Json, String>;
 pub struct JsonStreamer {
     state: St,
     token: Vec<u8>,
-    tokens: Vec<(Tok, Vec<u8>)>,
+    /// Tokens of the value being collected: kind and span in `text`.
+    tokens: Vec<(Tok, usize, usize)>,
+    text: Vec<u8>,
     brace: i64,
     bracket: i64,
     token_size: usize,
@@ -295,6 +297,7 @@ impl JsonStreamer {
             state: St::Start,
             token: Vec::new(),
             tokens: Vec::new(),
+            text: Vec::new(),
             brace: 0,
             bracket: 0,
             token_size: 0,
@@ -332,8 +335,7 @@ impl JsonStreamer {
                 }
                 Step::Error => {
                     self.token.push(c);
-                    let text = std::mem::take(&mut self.token);
-                    self.process(Tok::Cut, text, true, out);
+                    self.take_token(Tok::Cut, true, out);
                     self.state = St::Recovery;
                     break;
                 }
@@ -348,26 +350,41 @@ impl JsonStreamer {
             }
         }
         if self.token.len() > MAX_TOKEN_SIZE {
-            let text = std::mem::take(&mut self.token);
-            self.process(Tok::Cut, text, false, out);
+            self.take_token(Tok::Cut, false, out);
             self.state = St::Start;
         }
     }
 
     fn finish_token(&mut self, t: Tok, out: &mut Vec<Message>) {
-        let text = std::mem::take(&mut self.token);
-        self.process(t, text, false, out);
+        self.take_token(t, false, out);
         self.state = St::Start;
+    }
+
+    /// Hands the current token to the message layer and empties it, keeping
+    /// a small buffer for the next token.
+    fn take_token(&mut self, t: Tok, lexical_error: bool, out: &mut Vec<Message>) {
+        let text = std::mem::take(&mut self.token);
+        self.process(t, &text, lexical_error, out);
+        if text.capacity() <= 64 * 1024 {
+            self.token = text;
+            self.token.clear();
+        }
     }
 
     fn reset(&mut self) {
         self.brace = 0;
         self.bracket = 0;
-        self.tokens = Vec::new();
+        if self.text.capacity() > (1 << 20) {
+            self.tokens = Vec::new();
+            self.text = Vec::new();
+        } else {
+            self.tokens.clear();
+            self.text.clear();
+        }
         self.token_size = 0;
     }
 
-    fn process(&mut self, t: Tok, text: Vec<u8>, lexical_error: bool, out: &mut Vec<Message>) {
+    fn process(&mut self, t: Tok, text: &[u8], lexical_error: bool, out: &mut Vec<Message>) {
         if lexical_error {
             // C strings end at a NUL byte; invalid UTF-8 shows as U+FFFD.
             let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
@@ -384,10 +401,11 @@ impl JsonStreamer {
             _ => {}
         }
         self.token_size += text.len();
-        self.tokens.push((t, text));
+        let start = self.text.len();
+        self.text.extend_from_slice(text);
+        self.tokens.push((t, start, self.text.len()));
         if self.brace < 0 || self.bracket < 0 || (self.brace == 0 && self.bracket == 0) {
-            let tokens = std::mem::take(&mut self.tokens);
-            out.push(parse_tokens(&tokens));
+            out.push(parse_tokens(&self.tokens, &self.text));
             self.reset();
         } else if self.token_size > MAX_TOKEN_SIZE {
             out.push(Err("JSON token size limit exceeded".into()));
@@ -414,7 +432,8 @@ pub fn parse(text: &[u8]) -> Message {
 }
 
 struct Parser<'a> {
-    toks: &'a [(Tok, Vec<u8>)],
+    toks: &'a [(Tok, usize, usize)],
+    text: &'a [u8],
     pos: usize,
 }
 
@@ -422,8 +441,8 @@ fn perr(msg: impl fmt::Display) -> String {
     format!("JSON parse error, {msg}")
 }
 
-fn parse_tokens(toks: &[(Tok, Vec<u8>)]) -> Message {
-    let mut p = Parser { toks, pos: 0 };
+fn parse_tokens(toks: &[(Tok, usize, usize)], text: &[u8]) -> Message {
+    let mut p = Parser { toks, text, pos: 0 };
     p.value()
 }
 
@@ -441,7 +460,7 @@ impl Parser<'_> {
             .get(self.pos)
             .ok_or_else(|| perr("premature EOI"))?;
         self.pos += 1;
-        Ok((t.0, &t.1))
+        Ok((t.0, &self.text[t.1..t.2]))
     }
 
     fn value(&mut self) -> Message {
@@ -807,5 +826,86 @@ mod tests {
             s.feed(std::slice::from_ref(b), &mut out);
         }
         assert_eq!(out, msgs(input));
+    }
+
+    /// A small deterministic generator (xorshift) for the randomised test.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    #[test]
+    fn random_input_never_panics_and_chunking_does_not_matter() {
+        const PIECES: &[&[u8]] = &[
+            b"{",
+            b"}",
+            b"[",
+            b"]",
+            b":",
+            b",",
+            b"\"",
+            b"'",
+            b"\\",
+            b"\\u",
+            b"d800",
+            b"00e9",
+            b"1",
+            b"-",
+            b"0",
+            b".",
+            b"e",
+            b"+",
+            b"true",
+            b"nul",
+            b"x",
+            b" ",
+            b"\n",
+            b"\t",
+            b"\x01",
+            b"\xff",
+            b"\xc3\xa9",
+            b"\xed\xa0\x80",
+            b"\xc0\x80",
+            b"\"execute\"",
+            b"\"id\"",
+            b"{\"execute\":\"q\",\"id\":1}",
+            b"\x00",
+            b"\xf0\x9f\x98\x80",
+        ];
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..3000 {
+            let mut input = Vec::new();
+            for _ in 0..rng.below(40) {
+                input.extend_from_slice(PIECES[rng.below(PIECES.len())]);
+            }
+            let whole = msgs(&input);
+            let mut s = JsonStreamer::new();
+            let mut split = Vec::new();
+            let mut pos = 0;
+            while pos < input.len() {
+                let n = 1 + rng.below(7).min(input.len() - pos - 1);
+                s.feed(&input[pos..pos + n], &mut split);
+                pos += n;
+            }
+            assert_eq!(whole, split, "input {input:?}");
+            for m in whole.iter().flatten() {
+                // everything parsed prints as ASCII, and printing is a fixed
+                // point (floats like 1e11 come back as integers, as in QEMU)
+                let text = crate::output::to_json_string(m);
+                assert!(text.is_ascii());
+                if !text.contains("inf") && !text.contains("nan") {
+                    let again = parse(text.as_bytes()).expect("output parses");
+                    assert_eq!(crate::output::to_json_string(&again), text);
+                }
+            }
+        }
     }
 }

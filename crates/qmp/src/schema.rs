@@ -72,6 +72,8 @@ pub struct Member {
     pub ty: Type,
     /// Whether the member may be absent.
     pub optional: bool,
+    /// Feature flags shown in `query-qmp-schema` (e.g. `deprecated`).
+    pub features: Vec<String>,
 }
 
 /// The variant part of a flat union: the discriminator is a base member of
@@ -119,6 +121,7 @@ impl ObjectType {
             name: name.into(),
             ty,
             optional: false,
+            features: Vec::new(),
         });
         self
     }
@@ -129,7 +132,17 @@ impl ObjectType {
             name: name.into(),
             ty,
             optional: true,
+            features: Vec::new(),
         });
+        self
+    }
+
+    /// Adds a feature flag (e.g. `deprecated`, `unstable`) to the member
+    /// added last.
+    pub fn feature(mut self, feature: impl Into<String>) -> Self {
+        if let Some(m) = self.members.last_mut() {
+            m.features.push(feature.into());
+        }
         self
     }
 
@@ -194,27 +207,25 @@ impl Type {
 
     /// Whether a JSON value of this kind selects this alternate branch.
     fn accepts_kind(&self, v: &Json) -> bool {
-        match (self, v) {
-            (Type::Str | Type::Enum(_), Json::Str(_)) => true,
-            (Type::Bool, Json::Bool(_)) => true,
-            (Type::Null, Json::Null) => true,
-            (Type::Number, Json::Int(_) | Json::UInt(_) | Json::Float(_)) => true,
-            (
-                Type::Int
-                | Type::Int8
-                | Type::Int16
-                | Type::Int32
-                | Type::Uint8
-                | Type::Uint16
-                | Type::Uint32
-                | Type::Uint64
-                | Type::Size,
-                Json::Int(_) | Json::UInt(_) | Json::Float(_),
-            ) => true,
-            (Type::Object(_), Json::Object(_)) => true,
-            (Type::Array(_), Json::Array(_)) => true,
-            (Type::Any, _) => true,
-            _ => false,
+        let number = matches!(v, Json::Int(_) | Json::UInt(_) | Json::Float(_));
+        match self {
+            Type::Str | Type::Enum(_) => matches!(v, Json::Str(_)),
+            Type::Bool => matches!(v, Json::Bool(_)),
+            Type::Null => matches!(v, Json::Null),
+            Type::Number
+            | Type::Int
+            | Type::Int8
+            | Type::Int16
+            | Type::Int32
+            | Type::Uint8
+            | Type::Uint16
+            | Type::Uint32
+            | Type::Uint64
+            | Type::Size => number,
+            Type::Object(_) => matches!(v, Json::Object(_)),
+            Type::Array(_) => matches!(v, Json::Array(_)),
+            Type::Any => true,
+            Type::Alternate(_) => false,
         }
     }
 }
@@ -405,6 +416,7 @@ pub struct SchemaWriter {
     types: Vec<Json>,
     names: HashMap<usize, String>,
     builtins: Vec<&'static str>,
+    arrays: std::collections::HashSet<String>,
     next: usize,
 }
 
@@ -499,7 +511,13 @@ impl SchemaWriter {
     }
 
     fn object_name(&mut self, o: &Arc<ObjectType>) -> String {
-        let (name, new) = self.fresh(Arc::as_ptr(o) as *const u8 as usize);
+        // QEMU introspects every member-less struct as one shared type.
+        let key = if o.members.is_empty() && o.variants.is_none() {
+            0
+        } else {
+            Arc::as_ptr(o) as *const u8 as usize
+        };
+        let (name, new) = self.fresh(key);
         if new {
             let slot = self.types.len();
             self.types.push(Json::Null);
@@ -511,6 +529,12 @@ impl SchemaWriter {
                     e.push(("default", Json::Null));
                 }
                 e.push(("type", s(&t)));
+                if !m.features.is_empty() {
+                    e.push((
+                        "features",
+                        Json::Array(m.features.iter().map(|f| s(f)).collect()),
+                    ));
+                }
                 members.push(obj(e));
             }
             let mut e = vec![("name", s(&name)), ("members", Json::Array(members))];
@@ -541,8 +565,7 @@ impl SchemaWriter {
             Type::Array(elem) => {
                 let en = self.type_name(elem);
                 let name = format!("[{en}]");
-                let key = format!("array:{name}");
-                if !self.builtins_array_seen(&key) {
+                if self.arrays.insert(name.clone()) {
                     self.types.push(obj(vec![
                         ("name", s(&name)),
                         ("meta-type", s("array")),
@@ -584,22 +607,6 @@ impl SchemaWriter {
                 name
             }
             _ => "any".to_string(),
-        }
-    }
-
-    fn builtins_array_seen(&mut self, key: &str) -> bool {
-        // Arrays are keyed by their printed name in a separate namespace.
-        let h = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            key.hash(&mut h);
-            h.finish() as usize | 1
-        };
-        if self.names.contains_key(&h) {
-            true
-        } else {
-            self.names.insert(h, key.to_string());
-            false
         }
     }
 }

@@ -47,6 +47,7 @@ pub struct Outbox {
     negotiated: AtomicBool,
     oob: AtomicBool,
     closed: AtomicBool,
+    reader_done: AtomicBool,
 }
 
 impl Outbox {
@@ -58,6 +59,7 @@ impl Outbox {
             negotiated: AtomicBool::new(false),
             oob: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            reader_done: AtomicBool::new(false),
         }
     }
 
@@ -71,6 +73,7 @@ impl Outbox {
             negotiated: AtomicBool::new(false),
             oob: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            reader_done: AtomicBool::new(false),
         }
     }
 
@@ -136,10 +139,10 @@ impl Stream {
         })
     }
 
-    fn shutdown(&self) {
+    fn shutdown(&self, how: Shutdown) {
         let _ = match self {
-            Stream::Unix(s) => s.shutdown(Shutdown::Both),
-            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(how),
+            Stream::Tcp(s) => s.shutdown(how),
         };
     }
 }
@@ -197,6 +200,8 @@ struct Inner {
     stop_cv: Condvar,
     stopping: AtomicBool,
     quit: AtomicBool,
+    /// Set once `quit` ran: no further commands are executed.
+    quitting: AtomicBool,
     quit_hook: Mutex<Option<QuitHook>>,
     monitors: Mutex<Vec<std::sync::Weak<Outbox>>>,
     active: AtomicUsize,
@@ -222,6 +227,7 @@ impl Inner {
     fn after_command(&self) {
         if self.quit.swap(false, Ordering::SeqCst) {
             tracing::info!("QMP quit requested");
+            self.quitting.store(true, Ordering::SeqCst);
             if let Some(hook) = lock(&self.quit_hook).as_ref() {
                 hook();
             }
@@ -261,6 +267,7 @@ impl QmpServer {
             stop_cv: Condvar::new(),
             stopping: AtomicBool::new(false),
             quit: AtomicBool::new(false),
+            quitting: AtomicBool::new(false),
             quit_hook: Mutex::new(None),
             monitors: Mutex::new(Vec::new()),
             active: AtomicUsize::new(0),
@@ -275,12 +282,12 @@ impl QmpServer {
                 while let Ok(job) = rx.recv() {
                     let Some(inner) = weak.upgrade() else { break };
                     let out = &job.monitor.out;
-                    if !out.is_closed() {
+                    if !out.is_closed() && !inner.quitting.load(Ordering::SeqCst) {
                         let rsp = dispatch(&inner.context(out), job.msg);
                         out.send(to_wire(&rsp));
+                        inner.after_command();
                     }
                     job.monitor.done();
-                    inner.after_command();
                 }
             });
         if let Err(e) = spawned {
@@ -437,7 +444,16 @@ fn start_monitor(inner: &Arc<Inner>, stream: Stream) -> io::Result<()> {
                 }
             }
             let _ = writer.flush();
-            writer.shutdown();
+            // Half-close first and let the reader drain what the client
+            // still sends: closing a socket with unread input resets the
+            // connection, and the client can lose the last response (the
+            // one to `quit`, say).
+            writer.shutdown(Shutdown::Write);
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while !wout.reader_done.load(Ordering::SeqCst) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(5));
+            }
+            writer.shutdown(Shutdown::Both);
             winner.active.fetch_sub(1, Ordering::SeqCst);
         });
     if let Err(e) = w {
@@ -455,6 +471,7 @@ fn start_monitor(inner: &Arc<Inner>, stream: Stream) -> io::Result<()> {
         .stack_size(8 << 20)
         .spawn(move || {
             read_loop(&rinner, stream, out.clone());
+            out.reader_done.store(true, Ordering::SeqCst);
             out.close();
             tracing::debug!(monitor = id, "QMP monitor disconnected");
         })?;
@@ -477,10 +494,14 @@ fn read_loop(inner: &Arc<Inner>, mut stream: Stream, out: Arc<Outbox>) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => return,
         };
+        if out.is_closed() {
+            // draining input until the client closes (see the writer)
+            continue;
+        }
         streamer.feed(&buf[..n], &mut msgs);
         for msg in msgs.drain(..) {
-            if out.is_closed() {
-                return;
+            if out.is_closed() || inner.quitting.load(Ordering::SeqCst) {
+                break;
             }
             let oob = out.oob_enabled();
             if oob && matches!(&msg, Ok(r) if is_oob(r)) {
@@ -494,13 +515,16 @@ fn read_loop(inner: &Arc<Inner>, mut stream: Stream, out: Arc<Outbox>) {
                 let mut n = lock(&monitor.inflight);
                 while *n >= limit {
                     if out.is_closed() {
-                        return;
+                        break;
                     }
                     n = monitor
                         .cv
                         .wait_timeout(n, Duration::from_millis(200))
                         .map(|r| r.0)
                         .unwrap_or_else(|p| p.into_inner().0);
+                }
+                if out.is_closed() {
+                    break;
                 }
                 *n += 1;
             }

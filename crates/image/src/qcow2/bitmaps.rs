@@ -251,15 +251,57 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Marks stored bitmaps in use before the first modification of the image.
-    pub(super) fn bitmaps_before_write(&self) -> Result<()> {
+    /// Before every modification: at the first one, stored bitmaps are loaded for
+    /// tracking (unless a block layer tracks them) and marked in use; then the range
+    /// is recorded in the tracked bitmaps that are enabled.
+    pub(super) fn bitmaps_before_write(&self, offset: u64, len: u64) -> Result<()> {
         use std::sync::atomic::Ordering;
-        if self.bitmaps_marked.load(Ordering::Acquire) {
+        if !self.bitmaps_marked.load(Ordering::Acquire) {
+            if !self.bm_external.load(Ordering::Acquire) {
+                let loaded = self.load_bitmaps()?;
+                if !loaded.is_empty() {
+                    *self.bm_track.lock().unwrap_or_else(|e| e.into_inner()) = Some(loaded);
+                    self.bm_tracking.store(true, Ordering::Release);
+                }
+            }
+            self.mark_bitmaps_in_use()?;
+            self.bitmaps_marked.store(true, Ordering::Release);
+        }
+        if self.bm_tracking.load(Ordering::Acquire) && len > 0 {
+            let size = self.size();
+            let mut t = self.bm_track.lock().unwrap_or_else(|e| e.into_inner());
+            for b in t.iter_mut().flatten() {
+                if b.in_use || !b.enabled || offset >= size {
+                    continue;
+                }
+                let nbits = bit_count(size, b.granularity);
+                let first = offset / b.granularity;
+                let last = ((offset + len - 1) / b.granularity).min(nbits.saturating_sub(1));
+                for i in first..=last {
+                    if let Some(byte) = b.bits.get_mut((i / 8) as usize) {
+                        *byte |= 1 << (i % 8);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores the bitmaps this driver tracked (clean close).
+    pub(super) fn store_tracked_bitmaps(&self) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if !self.bm_tracking.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        self.mark_bitmaps_in_use()?;
-        self.bitmaps_marked.store(true, Ordering::Release);
-        Ok(())
+        let tracked = self
+            .bm_track
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match tracked {
+            Some(list) => self.store_bitmaps(&list),
+            None => Ok(()),
+        }
     }
 }
 
@@ -387,6 +429,13 @@ impl PersistentBitmaps for Qcow2 {
         self.bitmaps_marked
             .store(bitmaps.iter().all(|b| b.in_use), Ordering::Release);
         Ok(())
+    }
+
+    fn track_externally(&self) {
+        use std::sync::atomic::Ordering;
+        self.bm_external.store(true, Ordering::Release);
+        self.bm_tracking.store(false, Ordering::Release);
+        *self.bm_track.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     fn mark_bitmaps_in_use(&self) -> Result<()> {

@@ -101,14 +101,13 @@ impl Qcow2 {
         }
         // Refcounts.
         let walk = self.walk(&mut m, st)?;
-        let (too_low, too_high, bad_blocks) = self.compare(&mut m, st, &walk, false)?;
-        if mode == RepairMode::All && (too_low > 0 || bad_blocks) {
+        let c = self.compare(&mut m, st, &walk, false)?;
+        if mode == RepairMode::All && (c.low > 0 || c.bad_blocks) {
             self.rebuild_refcounts(&mut m, st, walk.refs.clone())?;
-            fixed_corruptions += too_low;
-            fixed_leaks += too_high;
-        } else if too_high > 0 {
-            let (_, fixed, _) = self.compare(&mut m, st, &walk, true)?;
-            fixed_leaks += fixed;
+            fixed_corruptions += c.low;
+            fixed_leaks += c.high;
+        } else if c.high > 0 {
+            fixed_leaks += self.compare(&mut m, st, &walk, true)?.high;
         }
         m.flush(st)?;
         // COPIED flags.
@@ -129,14 +128,15 @@ impl Qcow2 {
     /// One full check without repair.
     fn check_pass(&self, m: &mut Meta, st: &dyn Storage) -> Result<PassReport> {
         let mut walk = self.walk(m, st)?;
-        let (low, high, _) = self.compare(m, st, &walk, false)?;
+        let c = self.compare(m, st, &walk, false)?;
         let mut r = std::mem::take(&mut walk.report);
-        r.corruptions += low;
-        r.leaks += high;
+        r.corruptions += c.low;
+        r.leaks += c.high;
+        r.messages.extend(c.messages);
         let (_, copied_errors) = self.copied_errors(m, st, &walk)?;
         r.corruptions += copied_errors.len() as u64;
         r.messages.extend(copied_errors);
-        r.image_end_offset = walk.highest * self.geo.cs;
+        r.image_end_offset = c.highest * self.geo.cs;
         r.total_clusters = self.size().div_ceil(self.geo.cs);
         Ok(PassReport {
             report: r,
@@ -203,7 +203,7 @@ impl Qcow2 {
     ) -> Result<()> {
         let g = self.geo;
         let cs = g.cs;
-        let mut last_host = 0u64;
+        let mut last_host;
         for (i, &e) in l1.iter().enumerate() {
             let off = e & OFFSET_MASK;
             if off == 0 {
@@ -223,6 +223,8 @@ impl Qcow2 {
             if active {
                 w.active_l2.push((i, off));
             }
+            // QEMU measures fragmentation within each L2 table.
+            last_host = 0;
             m.load_l2(st, off)?;
             let table = m
                 .l2_cache
@@ -251,8 +253,10 @@ impl Qcow2 {
                 match classify(entry, g.cluster_bits, g.ext) {
                     ClusterType::Compressed { offset, len } => {
                         if active {
+                            // QEMU counts compressed clusters as fragmented by nature.
                             w.report.allocated_clusters += 1;
                             w.report.compressed_clusters += 1;
+                            w.report.fragmented_clusters += 1;
                         }
                         let start = offset & !511;
                         if offset + len > file_size.div_ceil(512) * 512 + 512 {
@@ -265,12 +269,10 @@ impl Qcow2 {
                             }
                             continue;
                         }
-                        w.inc(
-                            cs,
-                            start,
-                            (offset + len).min(file_size) - start,
-                            "compressed cluster",
-                        );
+                        let end = (offset + len).min(file_size);
+                        if end > start {
+                            w.inc(cs, start, end - start, "compressed cluster");
+                        }
                     }
                     ClusterType::Normal(h) | ClusterType::ZeroAlloc(h) => {
                         if h % cs != 0 || h >= file_size {
@@ -387,7 +389,7 @@ impl Qcow2 {
         st: &dyn Storage,
         walk: &Walk,
         fix_leaks: bool,
-    ) -> Result<(u64, u64, bool)> {
+    ) -> Result<Compared> {
         let file_size = st.size()?;
         let mut w = Walk {
             refs: walk.refs.clone(),
@@ -401,6 +403,8 @@ impl Qcow2 {
         let bad_blocks = self.add_refcount_structs(m, &mut w, file_size);
         let mut low = 0;
         let mut high = 0;
+        let mut messages = std::mem::take(&mut w.report.messages);
+        let mut highest = 0u64;
         for (c, &want) in w.refs.iter().enumerate() {
             let stored = match m.refcount(st, c as u64) {
                 Ok(v) => v,
@@ -410,16 +414,35 @@ impl Qcow2 {
                 }
             };
             let want = want as u64;
+            if stored > 0 || want > 0 {
+                highest = highest.max(c as u64 + 1);
+            }
             if stored < want {
                 low += 1;
+                messages.push(format!(
+                    "ERROR cluster {c} refcount={stored} reference={want}"
+                ));
             } else if stored > want {
                 high += 1;
                 if fix_leaks {
+                    messages.push(format!(
+                        "Repairing cluster {c} refcount={stored} reference={want}"
+                    ));
                     m.set_refcount(st, c as u64, want)?;
+                } else {
+                    messages.push(format!(
+                        "Leaked cluster {c} refcount={stored} reference={want}"
+                    ));
                 }
             }
         }
-        Ok((low, high, bad_blocks))
+        Ok(Compared {
+            low,
+            high,
+            bad_blocks,
+            highest,
+            messages,
+        })
     }
 
     /// Messages for COPIED flags that disagree with refcounts (active tables only).
@@ -559,6 +582,20 @@ impl Qcow2 {
         m.pending_frees.retain(|_: &PendingFree| false);
         Ok(())
     }
+}
+
+/// What comparing computed with stored refcounts found.
+struct Compared {
+    /// Clusters whose refcount is too low (corruptions).
+    low: u64,
+    /// Clusters whose refcount is too high (leaks).
+    high: u64,
+    /// A refcount table entry is unusable.
+    bad_blocks: bool,
+    /// One past the highest referenced cluster, refcount structures included.
+    highest: u64,
+    /// qemu-img's lines for each mismatch.
+    messages: Vec<String>,
 }
 
 /// A check result plus what repair needs to know about it.

@@ -281,6 +281,7 @@ impl Qcow2 {
         }
         let len = (k * cs) as usize;
         if let Some(h) = in_place {
+            m.check_in_image(h + (k - 1) * cs, "Data cluster")?;
             m.check_overlap(h, k * cs, "guest data")?;
             drop(m);
             self.st.write_at(&data[..len], h)?;
@@ -349,6 +350,7 @@ impl Qcow2 {
         if entry & OFLAG_COPIED != 0 {
             if let ClusterType::Normal(h) = classify(entry, self.geo.cluster_bits, self.geo.ext) {
                 if !self.geo.ext || bitmap & touched == touched {
+                    m.check_in_image(h, "Data cluster")?;
                     m.check_overlap(h + in_off, data.len() as u64, "guest data")?;
                     drop(m);
                     return self.st.write_at(data, h + in_off);
@@ -402,6 +404,7 @@ impl Qcow2 {
         };
         let fresh_from = m.end_cluster;
         let host = if reuse {
+            m.check_in_image(host, "Data cluster")?;
             m.check_overlap(host, cs, "guest data")?;
             host
         } else {
@@ -442,10 +445,14 @@ impl Qcow2 {
                 (base | touched) & !(touched << 32),
             )
         };
-        let r = if (w_start == in_off && w_end == in_off + data.len() as u64)
-            || (fresh && old_reads_zero)
-        {
+        let r = if w_start == in_off && w_end == in_off + data.len() as u64 {
             self.st.write_at(data, host + in_off)
+        } else if fresh && old_reads_zero {
+            // As QEMU does for copy-on-write from zeroes: make the written part of
+            // the cluster read as zero cheaply, then write the data.
+            self.st
+                .write_zeroes(host + w_start, w_end - w_start, false)
+                .and_then(|()| self.st.write_at(data, host + in_off))
         } else {
             let mut buf = vec![0u8; (w_end - w_start) as usize];
             let head = (in_off - w_start) as usize;
@@ -755,78 +762,61 @@ impl Qcow2 {
         let end = offset + len;
         let mut m = self.lock();
         let st = self.storage_ref();
-        let state_at = |m: &mut Meta, pos: u64| -> Result<(SubState, u64)> {
+        // (state, host offset of `pos` when the host cluster is known, end of the unit)
+        let state_at = |m: &mut Meta, pos: u64| -> Result<(SubState, Option<u64>, u64)> {
             let gc = pos >> g.cluster_bits;
             let l1i = (gc >> g.l2_bits) as usize;
             if m.l2_offset(l1i)? == 0 {
                 // No L2 table: the whole table's span is unallocated.
                 let span_end = ((l1i as u64) + 1) * g.l2_span();
-                return Ok((SubState::Backing, span_end));
+                return Ok((SubState::Backing, None, span_end));
             }
             let (entry, bitmap) = m.l2_entry(st, gc)?;
             let sc = ((pos & (g.cs - 1)) >> g.sc_bits) as u32;
             let s = sub_state(entry, bitmap, sc, g.sc_bits, g.cluster_bits, g.ext)?;
+            let host = match (s, classify(entry, g.cluster_bits, g.ext)) {
+                (SubState::Data(h), _) => Some(h + (pos & (sc_size - 1))),
+                (SubState::Zero(Some(h)), _) => Some(h + (pos & (g.cs - 1))),
+                // Unallocated subclusters of an allocated cluster still have a place.
+                (SubState::Backing, ClusterType::Normal(h)) => Some(h + (pos & (g.cs - 1))),
+                _ => None,
+            };
             let unit_end = (pos | (sc_size - 1)) + 1;
-            Ok((s, unit_end))
+            Ok((s, host, unit_end))
         };
-        let (first, mut pos) = state_at(&mut m, offset)?;
-        let first_data_host = match first {
-            SubState::Data(h) => Some(h + (offset & (sc_size - 1))),
-            SubState::Zero(Some(h)) => Some(h + (offset & (g.cs - 1))),
-            _ => None,
+        let (first, first_host, mut pos) = state_at(&mut m, offset)?;
+        let same_kind = |a: SubState, b: SubState| match (a, b) {
+            (SubState::Data(_), SubState::Data(_)) => true,
+            (SubState::Zero(x), SubState::Zero(y)) => x.is_some() == y.is_some(),
+            (SubState::Backing, SubState::Backing) => true,
+            _ => false,
         };
         while pos < end && !matches!(first, SubState::Compressed { .. }) {
-            let (s, next) = state_at(&mut m, pos)?;
-            let same = match (first, s) {
-                (SubState::Data(_), SubState::Data(h2)) => {
-                    first_data_host.map(|h| h + (pos - offset)) == Some(h2)
-                }
-                (SubState::Zero(Some(_)), SubState::Zero(Some(h2))) => {
-                    first_data_host.map(|h| h + (pos - offset)) == Some(h2 + (pos & (g.cs - 1)))
-                }
-                (SubState::Zero(None), SubState::Zero(None)) => true,
-                (SubState::Backing, SubState::Backing) => true,
+            let (s, host, next) = state_at(&mut m, pos)?;
+            let contiguous = match (first_host, host) {
+                (Some(h1), Some(h2)) => h1 + (pos - offset) == h2,
+                (None, None) => true,
                 _ => false,
             };
-            if !same {
+            if !same_kind(first, s) || !contiguous {
                 break;
             }
             pos = next;
         }
         let run = pos.min(end) - offset;
-        Ok(match first {
-            SubState::Data(_) => BlockStatus {
-                len: run,
-                allocated: true,
-                zero: false,
-                data: true,
-                compressed: false,
-                offset: first_data_host,
-            },
-            SubState::Zero(h) => BlockStatus {
-                len: run,
-                allocated: true,
-                zero: true,
-                data: false,
-                compressed: false,
-                offset: h.and(first_data_host),
-            },
-            SubState::Backing => BlockStatus {
-                len: run,
-                allocated: false,
-                zero: false,
-                data: false,
-                compressed: false,
-                offset: None,
-            },
-            SubState::Compressed { .. } => BlockStatus {
-                len: run,
-                allocated: true,
-                zero: false,
-                data: true,
-                compressed: true,
-                offset: None,
-            },
+        let (allocated, zero, data, compressed) = match first {
+            SubState::Data(_) => (true, false, true, false),
+            SubState::Zero(_) => (true, true, false, false),
+            SubState::Backing => (false, false, false, false),
+            SubState::Compressed { .. } => (true, false, true, true),
+        };
+        Ok(BlockStatus {
+            len: run,
+            allocated,
+            zero,
+            data,
+            compressed,
+            offset: if compressed { None } else { first_host },
         })
     }
 

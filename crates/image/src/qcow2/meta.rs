@@ -190,6 +190,18 @@ impl Meta {
         Ok(())
     }
 
+    /// Fails for a host offset past everything in the image file (and past every
+    /// cluster this process allocated): a corrupt entry must not make a write grow
+    /// the file to an arbitrary size.
+    pub fn check_in_image(&self, offset: u64, what: &str) -> Result<()> {
+        if offset >= self.end_cluster.saturating_mul(self.geo.cs) {
+            return Err(Error::corrupt(format!(
+                "{what} offset {offset:#x} lies beyond the end of the image"
+            )));
+        }
+        Ok(())
+    }
+
     // ---------------------------------------------------------------- L2 tables
 
     fn validate_l2_offset(&self, l1e: u64) -> Result<u64> {
@@ -204,6 +216,7 @@ impl Meta {
                 "L2 table offset {off:#x} unaligned"
             )));
         }
+        self.check_in_image(off, "L2 table")?;
         Ok(off)
     }
 
@@ -264,7 +277,16 @@ impl Meta {
         }
         self.load_l2(st, off)?;
         let idx = (gc & (self.geo.l2_entries - 1)) as usize;
-        Ok(self.l2_cache.get(off).map(|t| t.get(idx)).unwrap_or((0, 0)))
+        let (entry, bitmap) = self.l2_cache.get(off).map(|t| t.get(idx)).unwrap_or((0, 0));
+        if entry & super::l2::OFLAG_COMPRESSED == 0 {
+            let host = entry & OFFSET_MASK;
+            if host % self.geo.cs != 0 {
+                return Err(Error::corrupt(format!(
+                    "Cluster allocation offset {host:#x} unaligned (L2 offset: {off:#x}, L2 index: {idx:#x})"
+                )));
+            }
+        }
+        Ok((entry, bitmap))
     }
 
     /// Sets the entry of guest cluster `gc`, whose L2 table must be writable

@@ -75,6 +75,13 @@ pub struct Qcow2 {
     zcache: Mutex<(u64, Option<Decompressed>)>,
     /// Stored bitmaps are already marked in use (or there are none to mark).
     bitmaps_marked: AtomicBool,
+    /// Persistent bitmaps this driver keeps up to date itself (when no block layer
+    /// took them over): loaded at the first write, stored back at close.
+    bm_track: Mutex<Option<Vec<crate::driver::StoredBitmap>>>,
+    /// `bm_track` holds bitmaps (fast check on the write path).
+    bm_tracking: AtomicBool,
+    /// A block layer tracks the persistent bitmaps; this driver only marks them.
+    bm_external: AtomicBool,
 }
 
 /// Opens a qcow2 image over `storage`; `backing` opens its backing file by the name
@@ -152,6 +159,9 @@ impl Qcow2 {
             cv: Condvar::new(),
             zcache: Mutex::new((0, None)),
             bitmaps_marked: AtomicBool::new(true),
+            bm_track: Mutex::new(None),
+            bm_tracking: AtomicBool::new(false),
+            bm_external: AtomicBool::new(false),
         };
         if !read_only {
             q.prepare_for_writing()?;
@@ -233,19 +243,19 @@ impl BlockIo for Qcow2 {
 
     fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_write(offset, buf.len() as u64)?;
-        self.bitmaps_before_write()?;
+        self.bitmaps_before_write(offset, buf.len() as u64)?;
         self.write_impl(buf, offset)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {
         self.check_write(offset, len)?;
-        self.bitmaps_before_write()?;
+        self.bitmaps_before_write(offset, len)?;
         self.zero_impl(offset, len, io::ZeroMode::Zero { unmap: may_unmap })
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.check_write(offset, len)?;
-        self.bitmaps_before_write()?;
+        self.bitmaps_before_write(offset, len)?;
         self.zero_impl(offset, len, io::ZeroMode::Discard)
     }
 
@@ -362,7 +372,7 @@ impl FormatDriver for Qcow2 {
 
     fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_write(offset, buf.len() as u64)?;
-        self.bitmaps_before_write()?;
+        self.bitmaps_before_write(offset, buf.len() as u64)?;
         self.write_compressed_impl(buf, offset)
     }
 
@@ -390,7 +400,8 @@ impl FormatDriver for Qcow2 {
     }
 
     fn close(&self) -> Result<()> {
-        self.flush()
+        self.flush()?;
+        self.store_tracked_bitmaps()
     }
 }
 
@@ -399,6 +410,9 @@ impl Drop for Qcow2 {
         if !self.read_only {
             if let Err(e) = BlockIo::flush(self) {
                 tracing::warn!("flushing qcow2 metadata on close failed: {e}");
+            }
+            if let Err(e) = self.store_tracked_bitmaps() {
+                tracing::warn!("storing persistent bitmaps on close failed: {e}");
             }
         }
     }

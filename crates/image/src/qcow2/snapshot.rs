@@ -74,7 +74,9 @@ pub fn read_table(storage: &dyn Storage, h: &Header) -> Result<(Vec<Snapshot>, u
         }
         let var_len = extra_len as u64 + id_len + name_len;
         let entry_len = (40 + var_len).div_ceil(8) * 8;
-        if off + entry_len > file_size || off - h.snapshots_offset + entry_len > MAX_TABLE_BYTES {
+        // The last entry's padding need not exist: QEMU may end the file right after it.
+        if off + 40 + var_len > file_size || off - h.snapshots_offset + entry_len > MAX_TABLE_BYTES
+        {
             return Err(Error::corrupt(
                 "Snapshot table lies beyond the end of the image",
             ));
