@@ -14,7 +14,9 @@ struct Running(Export);
 
 impl RunningExport for Running {
     fn in_use(&self) -> bool {
-        self.0.connected()
+        // QEMU deletes a vhost-user-blk export in safe mode even with a frontend
+        // connected (the frontend is disconnected); so does Strata.
+        false
     }
     fn stop(&mut self) {
         self.0.stop();
@@ -38,6 +40,8 @@ impl ExportDriver for DaemonExports {
         }
         let path = match (o.addr_type.as_deref(), &o.unix_path) {
             (Some("unix"), Some(p)) => p.clone(),
+            // qemu-storage-daemon's answer: it has no monitor to receive descriptors.
+            (Some("fd"), _) => return Err("only QEMU supports file descriptor passing".into()),
             _ => return Err("Only socket address types 'unix' and 'fd' are supported".into()),
         };
         let cfg = ExportConfig {

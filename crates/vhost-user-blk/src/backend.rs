@@ -9,7 +9,9 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::MAX_QUEUE_SIZE;
 
@@ -121,12 +123,7 @@ impl<B: BlockBackend + 'static> VhostUserBackend for BlkBackend<B> {
         let Some(vring) = vrings.get(usize::from(device_event)) else {
             return Ok(());
         };
-        let Some(mem) = self
-            .mem
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        else {
+        let Some(mem) = self.mem.read().unwrap_or_else(|e| e.into_inner()).clone() else {
             return Ok(());
         };
         let guard = mem.memory();

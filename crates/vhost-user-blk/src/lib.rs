@@ -10,7 +10,7 @@
 
 mod backend;
 
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -35,13 +35,13 @@ pub enum ExportError {
     #[error("{0}")]
     Options(String),
     /// The socket could not be bound.
-    #[error("Failed to bind socket to {path}: {source}")]
+    #[error("Failed to bind socket to {path}: {}", os_message(source))]
     Bind {
         /// The socket path.
         path: String,
         /// Why.
         #[source]
-        source: vhost::vhost_user::Error,
+        source: std::io::Error,
     },
     /// The serving thread could not start.
     #[error("cannot start the export thread: {0}")]
@@ -65,6 +65,15 @@ pub struct ExportConfig {
     pub serial: String,
     /// Start with the write cache in writethrough mode (a flush after every write).
     pub writethrough: bool,
+}
+
+/// An OS error's text without Rust's " (os error N)" suffix, as QEMU prints it.
+fn os_message(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
 }
 
 #[derive(Default)]
@@ -118,10 +127,13 @@ impl Export {
                 .map_err(ExportError::Options)?
                 .with_writethrough(cfg.writethrough),
         );
-        let listener = Listener::new(&cfg.path, true).map_err(|source| ExportError::Bind {
+        // Like QEMU: a stale socket file is replaced.
+        let _ = std::fs::remove_file(&cfg.path);
+        let listener = UnixListener::bind(&cfg.path).map_err(|source| ExportError::Bind {
             path: cfg.path.display().to_string(),
             source,
         })?;
+        let listener = Listener::from(listener);
         let control = Arc::new(Mutex::new(Control::default()));
         let ctl = control.clone();
         let id = cfg.id.clone();
@@ -169,6 +181,7 @@ impl Export {
         let _ = UnixStream::connect(&self.path);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+            let _ = std::fs::remove_file(&self.path);
         }
     }
 }
@@ -216,9 +229,9 @@ fn serve<B: BlockBackend + 'static>(
                 daemon.request_shutdown();
             } else {
                 c.active = daemon.shutdown_handle();
+                tracing::info!(export = %id, "vhost-user frontend connected");
             }
         }
-        tracing::info!(export = %id, "vhost-user frontend connected");
         if let Err(e) = daemon.wait() {
             tracing::warn!(export = %id, error = %e, "vhost-user connection ended with an error");
         }

@@ -65,11 +65,7 @@ fn keyval_uint(v: &Value, key: &str, what: &str) -> Result<u64, QmpError> {
         Value::String(s) => parse_size(s),
         _ => None,
     };
-    parsed.ok_or_else(|| {
-        QmpError::generic(format!(
-            "Parameter '{key}' expects {what}"
-        ))
-    })
+    parsed.ok_or_else(|| QmpError::generic(format!("Parameter '{key}' expects {what}")))
 }
 
 /// Parses a number with an optional k/M/G/T suffix (keyval `size` syntax).
@@ -124,9 +120,7 @@ impl ExportOptions {
                 "num-queues" if o.ty == "vhost-user-blk" => {
                     let n = keyval_uint(val, k, "uint16")?;
                     if n > u64::from(u16::MAX) {
-                        return Err(QmpError::generic(format!(
-                            "Parameter '{k}' expects uint16"
-                        )));
+                        return Err(QmpError::generic(format!("Parameter '{k}' expects uint16")));
                     }
                     o.num_queues = n;
                 }
@@ -215,7 +209,9 @@ impl ExportState {
             ))
         })?;
         if opts.writable && node.read_only() {
-            return Err(QmpError::generic("Cannot export read-only node as writable"));
+            return Err(QmpError::generic(
+                "Cannot export read-only node as writable",
+            ));
         }
         let export = self.driver.start(&opts, node).map_err(QmpError::generic)?;
         // QEMU lists the newest export first.
@@ -328,7 +324,10 @@ fn block_export_options_type() -> ObjectType {
                 ("nbd".into(), nbd),
                 ("vhost-user-blk".into(), vub),
                 ("fuse".into(), ObjectType::new("BlockExportOptionsFuse")),
-                ("vduse-blk".into(), ObjectType::new("BlockExportOptionsVduseBlk")),
+                (
+                    "vduse-blk".into(),
+                    ObjectType::new("BlockExportOptionsVduseBlk"),
+                ),
             ],
         )
 }
