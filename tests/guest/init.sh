@@ -11,8 +11,12 @@
 #   discard:OFF:LEN      blkdiscard
 #   zero:OFF:LEN         blkdiscard -z (write zeroes)
 #   stamp:COUNT:BLOCKS   point-in-time stamps: stamp n (1..COUNT) goes to 4 KiB block
-#                        (n-1) % BLOCKS, written one at a time with O_DIRECT, so the
-#                        disk always holds exactly the stamps up to the latest one
+#                        ((n-1) * 37) % BLOCKS (BLOCKS a power of two, so every block
+#                        is hit once per BLOCKS stamps, in scattered order), written one
+#                        at a time with O_DIRECT: the disk always holds exactly the
+#                        stamps up to the latest one, and a copy that mixes two moments
+#                        is recognisable. Every 25th stamp prints "stamped N" once
+#                        it is on the disk (a lower bound for any later copy)
 #   sleep:SECONDS
 #   flush                blockdev --flushbufs
 #
@@ -105,10 +109,11 @@ step() {
     stamp)
         n=1
         while [ $n -le $2 ]; do
-            b=$(((n - 1) % $3))
+            b=$((((n - 1) * 37) % $3))
             stamp_block $n $b > /tmp/s
             dd if=/tmp/s of=$DEV bs=4096 seek=$b oflag=direct conv=notrunc 2>/dev/null ||
                 { echo "STRATA: stamp failed $n"; break; }
+            [ $((n % 25)) -eq 0 ] && echo "STRATA: stamped $n"
             n=$((n + 1))
         done
         echo "STRATA: stamp done $(($n - 1))"

@@ -232,8 +232,17 @@ fn serve<B: BlockBackend + 'static>(
                 tracing::info!(export = %id, "vhost-user frontend connected");
             }
         }
-        if let Err(e) = daemon.wait() {
-            tracing::warn!(export = %id, error = %e, "vhost-user connection ended with an error");
+        match daemon.wait() {
+            Ok(()) => {}
+            // The frontend went away (quit, crashed or was killed): normal life.
+            Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected
+                | vhost::vhost_user::Error::PartialMessage
+                | vhost::vhost_user::Error::SocketBroken(_),
+            )) => {}
+            Err(e) => {
+                tracing::warn!(export = %id, error = %e, "vhost-user connection ended with an error");
+            }
         }
         control.lock().unwrap_or_else(|e| e.into_inner()).active = None;
         // Dropping the daemon stops the queue workers once their current request is done.
