@@ -336,6 +336,11 @@ fn guest_writes_pattern_and_reads_it_back() {
     let dir = tempdir();
     let image = qcow2(dir.path(), "64M");
     let d = Daemon::start(dir.path(), &image, ",writable=on");
+    // Guest writes go through the block graph: a dirty bitmap records them.
+    let r = d.qmp(
+        "{\"execute\":\"block-dirty-bitmap-add\",\"arguments\":{\"node\":\"disk\",\"name\":\"b0\"}}",
+    );
+    assert!(r.contains("\"return\""), "{r}");
     let lines = Guest::start(&d.sock, 1, "info,write:1:4,verify:1:4").wait();
     expect(
         &lines,
@@ -343,6 +348,18 @@ fn guest_writes_pattern_and_reads_it_back() {
     );
     expect(&lines, "write ok");
     expect(&lines, "verify ok");
+    let nodes: serde_json::Value = serde_json::from_str(
+        &d.qmp("{\"execute\":\"query-named-block-nodes\",\"arguments\":{\"flat\":true}}"),
+    )
+    .expect("json");
+    let disk = nodes["return"]
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["node-name"] == "disk"))
+        .expect("node disk");
+    assert_eq!(
+        disk["dirty-bitmaps"][0]["count"], 4 * MIB,
+        "dirty bitmap after the guest wrote 4 MiB: {disk}"
+    );
     d.stop();
     assert_clean(&image);
     let m = model(dir.path(), 64 * MIB, &[(MIB, guest_pattern(1, 4, 7))]);
