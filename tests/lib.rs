@@ -183,6 +183,32 @@ impl Model {
     }
 }
 
+/// Where `strata-storage-daemon` is (see [`workspace_bin`]).
+pub fn strata_storage_daemon_bin() -> PathBuf {
+    workspace_bin("strata-storage-daemon", "STRATA_STORAGE_DAEMON")
+}
+
+/// A binary of the workspace next to the test binary (`target/<profile>/NAME`), or the
+/// path in environment variable `var`.
+pub fn workspace_bin(name: &str, var: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(var) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binary is not inside target/<profile>/deps");
+    let bin = profile_dir.join(name);
+    assert!(
+        bin.is_file(),
+        "{name} not found at {}: build it first with `cargo build --release --workspace --bins` \
+         (or set {var})",
+        bin.display()
+    );
+    bin
+}
+
 /// Where `strata-img` is: next to this test binary's `deps/` directory, in the same
 /// target profile directory. Panics with the build command when it is missing, so the
 /// CLI tests fail loudly instead of skipping.

@@ -19,6 +19,9 @@ pub const MIN_GRANULARITY: u64 = 512;
 /// Largest granularity QEMU accepts (2 GiB).
 pub const MAX_GRANULARITY: u64 = 1 << 31;
 
+/// The most bits a bitmap may have (1 GiB of memory).
+const MAX_BITS: u64 = 1 << 33;
+
 /// Checks a bitmap granularity with QEMU's message.
 pub fn check_granularity(g: u64) -> BlockResult<()> {
     if !g.is_power_of_two() || g < MIN_GRANULARITY {
@@ -101,12 +104,20 @@ impl DirtyBitmap {
     pub fn new(name: Option<String>, granularity: u64, disk_size: u64) -> BlockResult<Arc<Self>> {
         check_granularity(granularity)?;
         let nbits = disk_size.div_ceil(granularity);
+        // At most 1 GiB of bits: enough for 512 PiB at 64 KiB granularity.
+        if nbits > MAX_BITS {
+            return Err(BlockError::generic(format!(
+                "Bitmap would need {} bytes of memory; use a larger granularity",
+                nbits.div_ceil(8)
+            )));
+        }
+        let words = vec![0u64; nbits.div_ceil(64) as usize];
         Ok(Arc::new(DirtyBitmap {
             state: Mutex::new(State {
                 name,
                 granularity,
                 disk_size,
-                words: vec![0; nbits.div_ceil(64) as usize],
+                words,
                 set_bits: 0,
                 enabled: true,
                 persistent: false,

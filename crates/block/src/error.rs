@@ -30,6 +30,8 @@ pub struct BlockError {
     pub class: ErrorClass,
     /// The human-readable description.
     pub desc: String,
+    /// The operating-system error behind it, if any (for guests and job events).
+    pub errno: Option<i32>,
 }
 
 impl BlockError {
@@ -38,6 +40,7 @@ impl BlockError {
         BlockError {
             class: ErrorClass::GenericError,
             desc: desc.into(),
+            errno: None,
         }
     }
 
@@ -46,13 +49,28 @@ impl BlockError {
         BlockError {
             class: ErrorClass::DeviceNotFound,
             desc: desc.into(),
+            errno: None,
         }
     }
 }
 
 impl From<strata_image::Error> for BlockError {
     fn from(e: strata_image::Error) -> Self {
-        BlockError::generic(e.to_string())
+        let errno = e.os_errno();
+        BlockError {
+            class: ErrorClass::GenericError,
+            desc: e.to_string(),
+            errno,
+        }
+    }
+}
+
+/// The C library's text for an errno ("Input/output error"), as QEMU reports job errors.
+pub fn strerror(errno: i32) -> String {
+    let s = std::io::Error::from_raw_os_error(errno).to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
     }
 }
 

@@ -185,6 +185,27 @@ impl BlockGraph {
                     },
                 )
             }
+            DriverOptions::BlkDebug { image, inject } => {
+                let child = self.child(image, opts)?;
+                let filename = child.filename().to_string();
+                let ro = child.read_only() || opts.read_only;
+                BlockNode::new(
+                    name,
+                    implicit,
+                    "blkdebug",
+                    Arc::new(crate::blkdebug::BlkDebug::new(
+                        child.clone(),
+                        inject.clone(),
+                    )),
+                    Some(child),
+                    None,
+                    filename,
+                    NodeSettings {
+                        read_only: ro,
+                        ..settings
+                    },
+                )
+            }
             DriverOptions::Null { size } => BlockNode::new(
                 name,
                 implicit,

@@ -7,6 +7,7 @@
 //! Formats themselves live in `strata-image`.
 
 pub mod bitmap;
+pub mod blkdebug;
 mod error;
 pub mod graph;
 pub mod node;
@@ -16,7 +17,7 @@ pub mod qemu_io;
 pub mod tracker;
 
 pub use bitmap::DirtyBitmap;
-pub use error::{BlockError, BlockResult, ErrorClass};
+pub use error::{strerror, BlockError, BlockResult, ErrorClass};
 pub use graph::{BitmapRef, BlockGraph};
 pub use node::{BeforeWrite, BlockNode, NodeSettings};
 pub use null::NullDisk;

@@ -246,6 +246,17 @@ impl BlockNode {
 
     /// Changes the virtual size (QMP `block_resize`); bitmaps follow.
     pub fn resize(&self, size: u64) -> BlockResult<()> {
+        if !self
+            .hooks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            return Err(BlockError::generic(format!(
+                "Node '{}' is busy: block device is in use by block job: backup",
+                self.name
+            )));
+        }
         if self.read_only() {
             return Err(BlockError::generic(format!(
                 "Node '{}' is read only",

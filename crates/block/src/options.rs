@@ -78,6 +78,13 @@ pub enum DriverOptions {
         /// qcow2 refcount cache size in bytes.
         refcount_cache_size: Option<u64>,
     },
+    /// `blkdebug`: error injection over an `image` child.
+    BlkDebug {
+        /// The child.
+        image: ChildRef,
+        /// The `inject-error` rules.
+        inject: Vec<crate::blkdebug::InjectError>,
+    },
     /// `null-co`: a disk of `size` bytes that reads zeroes and drops writes.
     Null {
         /// Virtual size.
@@ -242,7 +249,7 @@ fn enum_value<T: Copy>(
     }
 }
 
-const DRIVERS: &[&str] = &["file", "raw", "qcow2", "null-co"];
+const DRIVERS: &[&str] = &["blkdebug", "file", "raw", "qcow2", "null-co"];
 
 fn child(v: &Value, keyval: bool, name: &str) -> BlockResult<ChildRef> {
     match v {
@@ -334,6 +341,31 @@ fn parse_inner(v: &Value, keyval: bool, prefix: &str) -> BlockResult<BlockdevOpt
             )?;
             DriverOptions::File { filename }
         }
+        "blkdebug" => {
+            let image = match m.get("image") {
+                Some(v) => child(v, keyval, &format!("{prefix}image"))?,
+                None => {
+                    return Err(BlockError::generic(format!(
+                        "Parameter '{prefix}image' is missing"
+                    )))
+                }
+            };
+            let mut inject = Vec::new();
+            match m.get("inject-error") {
+                None => {}
+                Some(Value::Array(rules)) => {
+                    for (i, r) in rules.iter().enumerate() {
+                        inject.push(parse_inject(
+                            r,
+                            keyval,
+                            &format!("{prefix}inject-error[{i}]."),
+                        )?);
+                    }
+                }
+                Some(_) => return Err(type_error(&format!("{prefix}inject-error"), "array")),
+            }
+            DriverOptions::BlkDebug { image, inject }
+        }
         "null-co" => DriverOptions::Null {
             size: m.size("size")?.unwrap_or(1 << 30),
         },
@@ -387,27 +419,65 @@ fn parse_inner(v: &Value, keyval: bool, prefix: &str) -> BlockResult<BlockdevOpt
     })
 }
 
+fn parse_inject(
+    v: &Value,
+    keyval: bool,
+    prefix: &str,
+) -> BlockResult<crate::blkdebug::InjectError> {
+    use crate::blkdebug::{InjectError, IoType};
+    let map = v
+        .as_object()
+        .ok_or_else(|| type_error(prefix.trim_end_matches('.'), "object"))?;
+    let mut m = Members::new(map, keyval, prefix.to_string());
+    let event = m.required_string("event")?;
+    let by_event = match event.as_str() {
+        "read_aio" => Some(IoType::Read),
+        "write_aio" | "pwritev" => Some(IoType::Write),
+        "flush_to_disk" => Some(IoType::Flush),
+        "none" => None,
+        other => {
+            return Err(BlockError::generic(format!(
+                "Parameter '{prefix}event' does not accept value '{other}'"
+            )))
+        }
+    };
+    let iotype = enum_value(
+        &mut m,
+        "iotype",
+        &[
+            ("read", Some(IoType::Read)),
+            ("write", Some(IoType::Write)),
+            ("write-zeroes", Some(IoType::WriteZeroes)),
+            ("discard", Some(IoType::Discard)),
+            ("flush", Some(IoType::Flush)),
+        ],
+        None,
+    )?;
+    let errno = m.size("errno")?.unwrap_or(5) as i32;
+    let sector = m.size("sector")?;
+    let once = m.bool("once")?.unwrap_or(false);
+    let _ = m.bool("immediately")?;
+    let _ = m.size("state")?;
+    m.finish()?;
+    let iotype = iotype
+        .or(by_event)
+        .ok_or_else(|| BlockError::generic(format!("{prefix}event 'none' needs an iotype")))?;
+    Ok(InjectError {
+        iotype,
+        errno,
+        sector,
+        once,
+    })
+}
+
 /// Turns `a=1,b.c=2,b.d=x` into `{"a":"1","b":{"c":"2","d":"x"}}` (QEMU's keyval
 /// syntax: commas in values are doubled; a key without `=` is an error).
 pub fn keyval_to_json(s: &str) -> BlockResult<Value> {
     let mut root = Map::new();
-    let mut pairs = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                pairs.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    pairs.push(cur);
-    for p in pairs.into_iter().filter(|p| !p.is_empty()) {
+    for p in strata_image::split_options(s)
+        .into_iter()
+        .filter(|p| !p.is_empty())
+    {
         let (k, v) = p
             .split_once('=')
             .ok_or_else(|| BlockError::generic(format!("Expected '=' after parameter '{p}'")))?;

@@ -56,6 +56,15 @@ impl Error {
         Error::Unsupported(msg.into())
     }
 
+    /// The operating system's errno, for errors that came from a system call.
+    pub fn os_errno(&self) -> Option<i32> {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error(),
+            Error::NoSpace(_) => Some(libc::ENOSPC),
+            _ => None,
+        }
+    }
+
     /// The errno behind this error, where there is one (used for EINVAL/ENOSPC policies).
     pub fn errno(&self) -> Option<i32> {
         match self {

@@ -22,6 +22,28 @@ pub use driver::{
 pub use error::{Error, Result};
 pub use storage::{CacheMode, FileStorage, MemStorage, Storage};
 
+/// Splits QEMU's option syntax at commas, where `,,` stands for a literal comma
+/// (`a=1,b=x,,y` gives `["a=1", "b=x,y"]`). Used by `-o`, `--blockdev` and friends.
+pub fn split_options(s: &str) -> Vec<String> {
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                parts.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    parts.push(cur);
+    parts
+}
+
 /// The deepest backing chain Strata opens; deeper chains are refused with an error.
 pub const MAX_BACKING_DEPTH: usize = 256;
 

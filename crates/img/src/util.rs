@@ -155,23 +155,7 @@ pub struct OptPair {
 /// Parses a QemuOpts string: comma-separated `key=value` pairs, where `,,` is a literal comma.
 pub fn parse_opts(s: &str) -> Vec<OptPair> {
     let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    let mut parts = Vec::new();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                parts.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    parts.push(cur);
-    for p in parts {
+    for p in strata_image::split_options(s) {
         if p.is_empty() {
             continue;
         }

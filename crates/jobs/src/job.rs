@@ -231,6 +231,7 @@ struct State {
     io_status: IoStatus,
     finalize_requested: bool,
     kick: u64,
+    resumes: u64,
 }
 
 /// A job.
@@ -636,6 +637,7 @@ impl JobContext {
             while st.pause_count > 0 && !st.cancelled {
                 st = job.cv.wait(st).unwrap_or_else(|e| e.into_inner());
             }
+            st.resumes += 1;
             st.busy = true;
             job.transition(
                 &mut st,
@@ -705,6 +707,12 @@ impl JobContext {
     /// Adds to the total amount of work.
     pub fn add_total(&self, n: u64) {
         self.job.lock().total += n;
+    }
+
+    /// How many times the job has come back from a pause. Work started before the
+    /// latest resume may fail for reasons the user has since fixed.
+    pub fn resumes(&self) -> u64 {
+        self.job.lock().resumes
     }
 
     /// Progress done so far.
@@ -855,6 +863,7 @@ impl JobManager {
                 io_status: IoStatus::Ok,
                 finalize_requested: false,
                 kick: 0,
+                resumes: 0,
             }),
             cv: Condvar::new(),
             events: self.events.clone(),

@@ -89,12 +89,51 @@ fn read_all(n: &BlockNode) -> Vec<u8> {
     v
 }
 
+fn raw_image(dir: &std::path::Path, name: &str) -> String {
+    let p = dir.join(name);
+    create_image(
+        &p,
+        Format::Raw,
+        &CreateOptions {
+            size: Some(SIZE),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    p.display().to_string()
+}
+
+fn raw_node(g: &BlockGraph, name: &str, file: &str) -> Arc<BlockNode> {
+    let o = BlockdevOptions::from_json(
+        &json!({"driver": "raw", "node-name": name, "file": {"driver": "file", "filename": file}}),
+    )
+    .unwrap();
+    g.blockdev_add(&o).unwrap()
+}
+
 #[test]
 fn point_in_time_under_concurrent_writes() {
+    point_in_time("qcow2", "qcow2");
+}
+
+#[test]
+fn point_in_time_raw_source_and_target() {
+    point_in_time("raw", "raw");
+    point_in_time("raw", "qcow2");
+}
+
+fn point_in_time(src_fmt: &str, tgt_fmt: &str) {
     let dir = tempfile::tempdir().unwrap();
     let g = Arc::new(BlockGraph::new());
-    let src = node(&g, "src", &image(dir.path(), "src.qcow2"));
-    let tgt = node(&g, "tgt", &image(dir.path(), "tgt.qcow2"));
+    let open = |name: &str, fmt: &str| {
+        if fmt == "raw" {
+            raw_node(&g, name, &raw_image(dir.path(), &format!("{name}.raw")))
+        } else {
+            node(&g, name, &image(dir.path(), &format!("{name}.qcow2")))
+        }
+    };
+    let src = open("src", src_fmt);
+    let tgt = open("tgt", tgt_fmt);
     // Generation 0 everywhere except a hole in the middle (must stay sparse/zero).
     for off in (0..SIZE).step_by(BLOCK as usize) {
         if !(4 << 20..5 << 20).contains(&off) {
@@ -134,6 +173,8 @@ fn point_in_time_under_concurrent_writes() {
         })
         .collect();
     let t0 = std::time::Instant::now();
+    // Negative control: a plain copy read while the same writes go on.
+    let plain = read_all(&src);
     job.wait_concluded();
     let took = t0.elapsed();
     stop.store(true, Ordering::Relaxed);
@@ -151,10 +192,16 @@ fn point_in_time_under_concurrent_writes() {
         read_all(&src) != before,
         "the writers did change the source"
     );
+    assert!(
+        plain != before,
+        "the negative control (a plain copy during the writes) must fail the same check"
+    );
     let _ = took;
     // The hole was written as zeroes, not data: the target stays sparse there.
-    let st = tgt.io().block_status(4 << 20, 1 << 20).unwrap();
-    assert!(st.zero || !st.allocated, "{st:?}");
+    if tgt_fmt == "qcow2" {
+        let st = tgt.io().block_status(4 << 20, 1 << 20).unwrap();
+        assert!(st.zero || !st.allocated, "{st:?}");
+    }
     let names: Vec<String> = events
         .0
         .lock()
@@ -290,4 +337,234 @@ fn validation_messages() {
         .err()
         .unwrap();
     assert_eq!(e, "Source and target image have different sizes");
+}
+
+fn blkdebug(g: &BlockGraph, name: &str, child: &str, rule: Value) -> Arc<BlockNode> {
+    let o = BlockdevOptions::from_json(
+        &json!({"driver": "blkdebug", "node-name": name, "image": child, "inject-error": [rule]}),
+    )
+    .unwrap();
+    g.blockdev_add(&o).unwrap()
+}
+
+fn event_names(e: &Events) -> Vec<String> {
+    e.0.lock()
+        .unwrap()
+        .iter()
+        .map(|(n, d)| match n.as_str() {
+            "JOB_STATUS_CHANGE" => d["status"].as_str().unwrap().to_string(),
+            "BLOCK_JOB_ERROR" => format!(
+                "ERROR:{}:{}",
+                d["operation"].as_str().unwrap(),
+                d["action"].as_str().unwrap()
+            ),
+            other => other.to_string(),
+        })
+        .collect()
+}
+
+#[test]
+fn source_read_error_policies() {
+    for (policy, expect_ok) in [("report", false), ("ignore", true), ("stop", true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Arc::new(BlockGraph::new());
+        let raw = node(&g, "raw", &image(dir.path(), "src.qcow2"));
+        raw.write(&vec![3u8; SIZE as usize], 0).unwrap();
+        let src = blkdebug(
+            &g,
+            "src",
+            "raw",
+            json!({"event": "read_aio", "errno": 5, "once": true, "sector": 2048}),
+        );
+        let tgt = node(&g, "tgt", &image(dir.path(), "tgt.qcow2"));
+        let events = Arc::new(Events::default());
+        let jobs = JobManager::new(events.clone());
+        let mut p = params(src.clone(), tgt.clone(), SyncMode::Full, 0);
+        p.on_source_error = OnError::parse(policy).unwrap();
+        let job = create_backup(&g, &jobs, p).unwrap();
+        jobs.start(&job, false).unwrap();
+        if policy == "stop" {
+            while job.status() != JobStatus::Paused {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let info = jobs.query_block_jobs();
+            assert_eq!(info[0]["io-status"], "failed");
+            job.resume().unwrap();
+        }
+        job.wait_concluded();
+        let names = event_names(&events);
+        let action = if policy == "report" { "report" } else { policy };
+        assert!(
+            names.contains(&format!("ERROR:read:{action}")),
+            "{policy}: {names:?}"
+        );
+        assert_eq!(
+            job.error().is_none(),
+            expect_ok,
+            "{policy}: {:?}",
+            job.error()
+        );
+        if expect_ok {
+            assert_eq!(
+                read_all(&tgt),
+                read_all(&raw),
+                "{policy}: retried copy is complete"
+            );
+        } else {
+            assert_eq!(job.error().unwrap(), "Input/output error");
+        }
+        assert!(g.close_all().is_empty());
+    }
+}
+
+#[test]
+fn target_enospc_pauses_with_enospc_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = Arc::new(BlockGraph::new());
+    let src = node(&g, "src", &image(dir.path(), "src.qcow2"));
+    src.write(&vec![9u8; SIZE as usize], 0).unwrap();
+    node(&g, "tqcow", &image(dir.path(), "tgt.qcow2"));
+    let tgt = blkdebug(
+        &g,
+        "tgt",
+        "tqcow",
+        json!({"event": "write_aio", "errno": 28, "once": true}),
+    );
+    let events = Arc::new(Events::default());
+    let jobs = JobManager::new(events.clone());
+    let mut p = params(src.clone(), tgt.clone(), SyncMode::Full, 0);
+    p.on_target_error = OnError::Enospc;
+    let job = create_backup(&g, &jobs, p).unwrap();
+    jobs.start(&job, false).unwrap();
+    while job.status() != JobStatus::Paused {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(jobs.query_block_jobs()[0]["io-status"], "nospace");
+    job.resume().unwrap();
+    job.wait_concluded();
+    assert!(job.error().is_none(), "{:?}", job.error());
+    assert!(event_names(&events).contains(&"ERROR:write:stop".to_string()));
+    assert_eq!(read_all(&tgt), read_all(&src));
+    assert!(g.close_all().is_empty());
+}
+
+#[test]
+fn guest_write_fails_or_breaks_snapshot_when_cbw_fails() {
+    for mode in [OnCbwError::BreakGuestWrite, OnCbwError::BreakSnapshot] {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Arc::new(BlockGraph::new());
+        let src = node(&g, "src", &image(dir.path(), "src.qcow2"));
+        src.write(&vec![1u8; SIZE as usize], 0).unwrap();
+        node(&g, "tqcow", &image(dir.path(), "tgt.qcow2"));
+        let tgt = blkdebug(
+            &g,
+            "tgt",
+            "tqcow",
+            json!({"event": "write_aio", "errno": 5}),
+        );
+        let jobs = JobManager::new(Arc::new(Events::default()));
+        let mut p = params(src.clone(), tgt.clone(), SyncMode::None, 0);
+        p.on_cbw_error = mode;
+        let job = create_backup(&g, &jobs, p).unwrap();
+        jobs.start(&job, false).unwrap();
+        let r = src.write(&[2u8; 4096], 0);
+        match mode {
+            OnCbwError::BreakGuestWrite => {
+                assert!(
+                    r.is_err(),
+                    "the guest write must fail while the old data cannot be saved"
+                );
+                let mut b = [0u8; 4096];
+                src.read(&mut b, 0).unwrap();
+                assert_eq!(b, [1u8; 4096], "the source is unchanged");
+                job.cancel().unwrap();
+            }
+            OnCbwError::BreakSnapshot => {
+                assert!(r.is_ok(), "the guest write goes through");
+                job.cancel().unwrap();
+            }
+        }
+        job.wait_concluded();
+        assert!(g.close_all().is_empty());
+    }
+}
+
+fn image_with_backing(dir: &std::path::Path, name: &str, backing: &str) -> String {
+    let p = dir.join(name);
+    create_image(
+        &p,
+        Format::Qcow2,
+        &CreateOptions {
+            size: Some(SIZE),
+            backing_file: Some(backing.into()),
+            backing_fmt: Some("qcow2".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn sync_top_copies_only_the_top_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let base_path = image(dir.path(), "base.qcow2");
+    {
+        let g = BlockGraph::new();
+        let base = node(&g, "base", &base_path);
+        base.write(&vec![5u8; SIZE as usize], 0).unwrap();
+        assert!(g.close_all().is_empty());
+    }
+    let g = Arc::new(BlockGraph::new());
+    let top = node(
+        &g,
+        "top",
+        &image_with_backing(dir.path(), "top.qcow2", "base.qcow2"),
+    );
+    top.write(&[6u8; 65536], 3 << 20).unwrap();
+    let tgt = node(
+        &g,
+        "tgt",
+        &image_with_backing(dir.path(), "tgt.qcow2", "base.qcow2"),
+    );
+    let jobs = JobManager::new(Arc::new(Events::default()));
+    let job = create_backup(
+        &g,
+        &jobs,
+        params(top.clone(), tgt.clone(), SyncMode::Top, 0),
+    )
+    .unwrap();
+    jobs.start(&job, false).unwrap();
+    job.wait_concluded();
+    assert!(job.error().is_none());
+    assert!(tgt.io().block_status(3 << 20, 65536).unwrap().allocated);
+    assert!(
+        !tgt.io().block_status(0, 65536).unwrap().allocated,
+        "base data not copied"
+    );
+    assert_eq!(read_all(&tgt), read_all(&top));
+    assert!(g.close_all().is_empty());
+}
+
+#[test]
+fn compressed_backup_and_discard_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = Arc::new(BlockGraph::new());
+    let src = node(&g, "src", &image(dir.path(), "src.qcow2"));
+    let data: Vec<u8> = (0..SIZE).map(|i| (i / 1000) as u8).collect();
+    src.write(&data, 0).unwrap();
+    let tgt = node(&g, "tgt", &image(dir.path(), "tgt.qcow2"));
+    let jobs = JobManager::new(Arc::new(Events::default()));
+    let mut p = params(src.clone(), tgt.clone(), SyncMode::Full, 0);
+    p.compress = true;
+    p.discard_source = true;
+    let job = create_backup(&g, &jobs, p).unwrap();
+    jobs.start(&job, false).unwrap();
+    job.wait_concluded();
+    assert!(job.error().is_none(), "{:?}", job.error());
+    assert!(tgt.io().block_status(0, 65536).unwrap().compressed);
+    assert_eq!(read_all(&tgt), data);
+    // The source's clusters were discarded once copied.
+    assert!(read_all(&src).iter().all(|&b| b == 0));
+    assert!(g.close_all().is_empty());
 }

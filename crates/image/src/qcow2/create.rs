@@ -139,6 +139,7 @@ pub fn create(storage: Arc<dyn Storage>, size: u64, opts: &CreateOptions) -> Res
         header_length: 0,
         compression_type: p.compression,
         backing_file: opts.backing_file.clone(),
+        backing_file_raw: None,
         backing_format: opts.backing_file.as_ref().and(opts.backing_fmt.clone()),
         data_file: None,
         feature_names: Vec::new(),

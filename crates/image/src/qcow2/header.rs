@@ -108,6 +108,9 @@ pub struct Header {
     pub compression_type: u8,
     /// The backing file name, if any.
     pub backing_file: Option<String>,
+    /// The backing file name's bytes as stored (names need not be UTF-8); used when
+    /// rewriting the header while `backing_file` still says the same.
+    pub backing_file_raw: Option<Vec<u8>>,
     /// The backing format extension, if present.
     pub backing_format: Option<String>,
     /// The external data file name extension, if present.
@@ -213,6 +216,7 @@ impl Header {
             header_length: 72,
             compression_type: 0,
             backing_file: None,
+            backing_file_raw: None,
             backing_format: None,
             data_file: None,
             feature_names: Vec::new(),
@@ -309,8 +313,9 @@ impl Header {
                     "Backing file name lies outside the first cluster",
                 ));
             }
-            h.backing_file =
-                Some(String::from_utf8_lossy(&buf[start as usize..end as usize]).into_owned());
+            let raw = buf[start as usize..end as usize].to_vec();
+            h.backing_file = Some(String::from_utf8_lossy(&raw).into_owned());
+            h.backing_file_raw = Some(raw);
         }
 
         // Table placement.
@@ -442,7 +447,11 @@ impl Header {
         put32(&mut ext, 0);
         put32(&mut ext, 0);
 
-        let name = self.backing_file.clone().unwrap_or_default();
+        let name: Vec<u8> = match (&self.backing_file, &self.backing_file_raw) {
+            (Some(n), Some(raw)) if String::from_utf8_lossy(raw) == n.as_str() => raw.clone(),
+            (Some(n), _) => n.as_bytes().to_vec(),
+            (None, _) => Vec::new(),
+        };
         let total = self.header_length as usize + ext.len() + name.len();
         if total > cs {
             return Err(Error::NoSpace(
@@ -480,7 +489,7 @@ impl Header {
             b.extend_from_slice(&[0u8; 7]);
         }
         b.extend_from_slice(&ext);
-        b.extend_from_slice(name.as_bytes());
+        b.extend_from_slice(&name);
         Ok(b)
     }
 }

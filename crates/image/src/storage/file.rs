@@ -9,6 +9,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::{AlignedBuf, Storage};
@@ -66,6 +67,9 @@ pub struct FileStorage {
     read_only: bool,
     /// Serialises read-modify-write cycles of unaligned `O_DIRECT` writes.
     rmw: Mutex<()>,
+    /// The file length, kept up to date by this node's own writes and resizes
+    /// (the file is not shared with other writers), so requests need no `fstat`.
+    len: AtomicU64,
 }
 
 fn errno_err(context: &str) -> Error {
@@ -105,11 +109,37 @@ impl FileStorage {
             align: 1,
             read_only,
             rmw: Mutex::new(()),
+            len: AtomicU64::new(0),
         };
         if cache.direct() {
             s.align = s.probe_alignment();
         }
+        let len = s.query_size()?;
+        s.len.store(len, Ordering::Release);
         Ok(s)
+    }
+
+    /// Asks the operating system for the file's length.
+    fn query_size(&self) -> Result<u64> {
+        let md = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io(format!("Could not stat '{}'", self.path.display()), e))?;
+        if md.file_type().is_file() {
+            return Ok(md.len());
+        }
+        // Block devices report their size through lseek.
+        // SAFETY: lseek on an fd we own; no memory is passed.
+        let end = unsafe { libc::lseek(self.file.as_raw_fd(), 0, libc::SEEK_END) };
+        if end < 0 {
+            return Err(errno_err("Could not get the device size"));
+        }
+        Ok(end as u64)
+    }
+
+    /// Records that the file now reaches at least `end` bytes.
+    fn grew_to(&self, end: u64) {
+        self.len.fetch_max(end, Ordering::AcqRel);
     }
 
     /// Finds the smallest request alignment that `O_DIRECT` accepts on this file.
@@ -251,6 +281,7 @@ impl Storage for FileStorage {
                     .map_err(|e| Error::io("Could not truncate after unaligned write", e))?;
             }
         }
+        self.grew_to(offset + buf.len() as u64);
         if self.cache == CacheMode::Writethrough {
             self.flush()?;
         }
@@ -267,27 +298,16 @@ impl Storage for FileStorage {
     }
 
     fn size(&self) -> Result<u64> {
-        let md = self
-            .file
-            .metadata()
-            .map_err(|e| Error::io(format!("Could not stat '{}'", self.path.display()), e))?;
-        if md.file_type().is_file() {
-            return Ok(md.len());
-        }
-        // Block devices report their size through lseek.
-        // SAFETY: lseek on an fd we own; no memory is passed.
-        let end = unsafe { libc::lseek(self.file.as_raw_fd(), 0, libc::SEEK_END) };
-        if end < 0 {
-            return Err(errno_err("Could not get the device size"));
-        }
-        Ok(end as u64)
+        Ok(self.len.load(Ordering::Acquire))
     }
 
     fn set_size(&self, size: u64) -> Result<()> {
         self.check_writable()?;
         self.file
             .set_len(size)
-            .map_err(|e| Error::io(format!("Could not resize '{}'", self.path.display()), e))
+            .map_err(|e| Error::io(format!("Could not resize '{}'", self.path.display()), e))?;
+        self.len.store(size, Ordering::Release);
+        Ok(())
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -326,7 +346,10 @@ impl Storage for FileStorage {
             libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
         };
         match self.fallocate(mode, offset, len) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.grew_to(end);
+                Ok(())
+            }
             Err(_) => self.write_zero_bytes(offset, len),
         }
     }
@@ -334,7 +357,9 @@ impl Storage for FileStorage {
     fn preallocate(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable()?;
         self.fallocate(0, offset, len)
-            .map_err(|e| Error::io("Could not preallocate", e))
+            .map_err(|e| Error::io("Could not preallocate", e))?;
+        self.grew_to(offset + len);
+        Ok(())
     }
 
     fn extent_at(&self, offset: u64, len: u64) -> Result<(bool, u64)> {

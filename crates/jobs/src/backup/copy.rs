@@ -276,6 +276,17 @@ impl BlockCopy {
     /// Copies clusters `[first, first + n)` from source to target: zero areas as
     /// zero writes, data read and written (compressed when asked).
     pub fn copy_clusters(&self, first: u64, n: u64) -> Result<(), CopyError> {
+        self.copy_clusters_with(first, n, &mut Vec::new())
+    }
+
+    /// [`BlockCopy::copy_clusters`] with a caller's scratch buffer, reused across
+    /// calls so that a worker does not allocate (and fault in) a buffer per task.
+    pub fn copy_clusters_with(
+        &self,
+        first: u64,
+        n: u64,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), CopyError> {
         let off = first * self.cluster;
         let end = ((first + n) * self.cluster).min(self.size);
         let src = self.source.io().clone();
@@ -294,27 +305,26 @@ impl BlockCopy {
                 Kind::Zero => {
                     self.target
                         .write_zeroes(pos, run, true)
-                        .map_err(|e| write_err(&e.desc))?;
+                        .map_err(|e| write_err(e.errno, &e.desc))?;
                 }
                 Kind::Data => {
-                    let mut buf = vec![0u8; run as usize];
-                    src.read(&mut buf, pos).map_err(|e| CopyError {
-                        is_read: true,
-                        enospc: false,
-                        msg: e.to_string(),
-                    })?;
+                    if scratch.len() < run as usize {
+                        scratch.resize(run as usize, 0);
+                    }
+                    let buf = &mut scratch[..run as usize];
+                    src.read(buf, pos).map_err(|e| read_err(&e))?;
                     if self.compress {
                         let tio = self.target.io().clone();
                         for (k, chunk) in buf.chunks(self.cluster as usize).enumerate() {
                             let o = pos + k as u64 * self.cluster;
                             tio.write_compressed(chunk, o)
-                                .map_err(|e| write_err(&e.to_string()))?;
+                                .map_err(|e| write_err(e.os_errno(), &e.to_string()))?;
                             self.target.mark_dirty(o, chunk.len() as u64);
                         }
                     } else {
                         self.target
-                            .write(&buf, pos)
-                            .map_err(|e| write_err(&e.desc))?;
+                            .write(buf, pos)
+                            .map_err(|e| write_err(e.errno, &e.desc))?;
                     }
                 }
             }
@@ -461,11 +471,26 @@ fn timeout_err() -> CopyError {
     }
 }
 
-fn write_err(msg: &str) -> CopyError {
+/// A failed target write; the message is the C library's text for the errno, as in
+/// QEMU's job events.
+fn write_err(errno: Option<i32>, msg: &str) -> CopyError {
     CopyError {
         is_read: false,
-        enospc: msg.contains("No space left"),
-        msg: msg.to_string(),
+        enospc: errno == Some(libc::ENOSPC),
+        msg: errno
+            .map(strata_block::strerror)
+            .unwrap_or_else(|| msg.to_string()),
+    }
+}
+
+fn read_err(e: &strata_image::Error) -> CopyError {
+    CopyError {
+        is_read: true,
+        enospc: false,
+        msg: e
+            .os_errno()
+            .map(strata_block::strerror)
+            .unwrap_or_else(|| e.to_string()),
     }
 }
 

@@ -230,6 +230,11 @@ pub fn validate(p: &BackupParams) -> Result<u64, String> {
     let cluster = DEFAULT_CLUSTER
         .max(p.target.io().cluster_size().unwrap_or(0))
         .max(mcs);
+    if p.source.size().div_ceil(cluster) > 1 << 33 {
+        return Err(
+            "The source is too large for the backup cluster size (use min-cluster-size)".into(),
+        );
+    }
     if p.perf.max_chunk != 0 && (p.perf.max_chunk as u64) < cluster {
         return Err(format!(
             "Required max-chunk ({}) is less than backup cluster size ({cluster})",
@@ -350,11 +355,12 @@ impl BackupJob {
         (chunk / c).max(1)
     }
 
-    /// Finishes one background task; returns a fatal error message.
+    /// Finishes one background task (started after `epoch` resumes); returns a fatal
+    /// error message.
     fn finish_task(
         &self,
         ctx: &JobContext,
-        (first, n): (u64, u64),
+        (first, n, epoch): (u64, u64, u64),
         r: Result<(), CopyError>,
     ) -> Option<String> {
         match r {
@@ -363,6 +369,11 @@ impl BackupJob {
                 let c = self.bcs.cluster();
                 let size = self.bcs.source().size();
                 ctx.add_done(((first + n) * c).min(size) - first * c);
+                None
+            }
+            Err(_) if epoch < ctx.resumes() => {
+                // Started before the job was stopped and resumed: just retry it.
+                self.bcs.release(first, n, false);
                 None
             }
             Err(e) => {
@@ -379,20 +390,23 @@ impl BackupJob {
         let max_inflight = self.params.perf.max_workers.max(1) as usize;
         let threads = (max_inflight as u64).min(MAX_THREADS) as usize;
         let chunk = self.chunk_clusters();
-        let (task_tx, task_rx) = mpsc::channel::<(u64, u64)>();
+        let (task_tx, task_rx) = mpsc::channel::<(u64, u64, u64)>();
         let task_rx = Mutex::new(task_rx);
-        let (res_tx, res_rx) = mpsc::channel::<((u64, u64), Result<(), CopyError>)>();
+        let (res_tx, res_rx) = mpsc::channel::<((u64, u64, u64), Result<(), CopyError>)>();
         std::thread::scope(|s| {
             for _ in 0..threads {
                 let res_tx = res_tx.clone();
                 let task_rx = &task_rx;
                 let bcs = &self.bcs;
-                s.spawn(move || loop {
-                    let t = task_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                    let Ok((f, n)) = t else { break };
-                    let r = bcs.copy_clusters(f, n);
-                    if res_tx.send(((f, n), r)).is_err() {
-                        break;
+                s.spawn(move || {
+                    let mut scratch = Vec::new();
+                    loop {
+                        let t = task_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok((f, n, epoch)) = t else { break };
+                        let r = bcs.copy_clusters_with(f, n, &mut scratch);
+                        if res_tx.send(((f, n, epoch), r)).is_err() {
+                            break;
+                        }
                     }
                 });
             }
@@ -423,7 +437,7 @@ impl BackupJob {
                     if let Some((f, n)) = self.bcs.claim_next(chunk) {
                         let c = self.bcs.cluster();
                         ctx.rate_delay(n * c);
-                        if task_tx.send((f, n)).is_err() {
+                        if task_tx.send((f, n, ctx.resumes())).is_err() {
                             self.bcs.release(f, n, false);
                             break Err("backup worker threads stopped".into());
                         }
@@ -452,7 +466,7 @@ impl BackupJob {
             drop(task_tx);
             while inflight > 0 {
                 match res_rx.recv() {
-                    Ok(((f, n), r)) => {
+                    Ok(((f, n, _), r)) => {
                         inflight -= 1;
                         self.bcs.release(f, n, r.is_ok());
                         if r.is_ok() {

@@ -13,7 +13,7 @@ use crate::error::QmpError;
 use crate::schema::{ObjectType, Type};
 
 /// The drivers `blockdev-add` accepts.
-pub const DRIVERS: &[&str] = &["file", "null-co", "qcow2", "raw"];
+pub const DRIVERS: &[&str] = &["blkdebug", "file", "null-co", "qcow2", "raw"];
 
 fn blockdev_options_type() -> ObjectType {
     let cache = ObjectType::new("BlockdevCacheOptions")
@@ -52,6 +52,11 @@ fn blockdev_options_type() -> ObjectType {
         .optional("size", Type::Int)
         .optional("latency-ns", Type::Uint64)
         .optional("read-zeroes", Type::Bool);
+    let blkdebug = ObjectType::new("BlockdevOptionsBlkdebug")
+        .member("image", Type::Any)
+        .optional("config", Type::Str)
+        .optional("align", Type::Int)
+        .optional("inject-error", Type::array(Type::Any));
     ObjectType::new("BlockdevOptions")
         .member("driver", Type::enumeration("BlockdevDriver", DRIVERS))
         .optional("node-name", Type::Str)
@@ -70,6 +75,7 @@ fn blockdev_options_type() -> ObjectType {
         .variants(
             "driver",
             vec![
+                ("blkdebug".into(), blkdebug),
                 ("file".into(), file),
                 ("null-co".into(), null),
                 ("qcow2".into(), qcow2),
