@@ -357,7 +357,8 @@ fn guest_writes_pattern_and_reads_it_back() {
         .and_then(|a| a.iter().find(|n| n["node-name"] == "disk"))
         .expect("node disk");
     assert_eq!(
-        disk["dirty-bitmaps"][0]["count"], 4 * MIB,
+        disk["dirty-bitmaps"][0]["count"],
+        4 * MIB,
         "dirty bitmap after the guest wrote 4 MiB: {disk}"
     );
     d.stop();
