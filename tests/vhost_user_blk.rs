@@ -103,6 +103,36 @@ fn daemon_bin() -> PathBuf {
     .clone()
 }
 
+/// The vhost-user frontend example (`vub_load`), built on first use like the daemon.
+fn load_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current exe");
+        let dir = exe.parent().and_then(Path::parent).expect("target dir");
+        let mut c = Command::new(env!("CARGO"));
+        c.args([
+            "build",
+            "--quiet",
+            "-p",
+            "strata-vhost-user-blk",
+            "--example",
+            "vub_load",
+        ]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            c.arg("--release");
+        }
+        if let Some(target) = dir.parent() {
+            c.env("CARGO_TARGET_DIR", target);
+        }
+        assert!(
+            c.status().expect("cargo build").success(),
+            "cannot build vub_load"
+        );
+        dir.join("examples/vub_load")
+    })
+    .clone()
+}
+
 /// One running `strata-storage-daemon` with a qcow2 node `disk` exported as `exp0`.
 struct Daemon {
     child: Child,
@@ -744,5 +774,41 @@ fn live_backup_of_a_running_guest_is_point_in_time() {
         inconsistent > 0,
         "negative control: every copy of the live image looked point-in-time"
     );
+    assert_clean(&image);
+}
+
+#[test]
+fn hostile_frontend_chains_are_answered_and_the_export_keeps_serving() {
+    require_qemu!();
+    let dir = tempdir();
+    let image = qcow2(dir.path(), "16M");
+    let d = Daemon::start(dir.path(), &image, ",writable=on");
+    // Malformed chains through the real vring: IOERR/UNSUPP or dropped, never stuck.
+    let out = Command::new(load_bin())
+        .arg("--socket")
+        .arg(&d.sock)
+        .arg("--hostile")
+        .output()
+        .expect("run vub_load");
+    assert!(
+        out.status.success(),
+        "hostile frontend: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A new frontend then gets full service.
+    let out = Command::new(load_bin())
+        .arg("--socket")
+        .arg(&d.sock)
+        .args(["--rw", "randwrite", "--qd", "16", "--seconds", "0.5"])
+        .output()
+        .expect("run vub_load");
+    assert!(
+        out.status.success(),
+        "load after the hostile frontend: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d.stop();
     assert_clean(&image);
 }

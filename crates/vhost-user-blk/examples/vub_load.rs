@@ -43,6 +43,10 @@ struct Args {
     /// Only touch the first SPAN bytes of the disk (0: all of it).
     #[arg(long, default_value_t = 0)]
     span: u64,
+    /// Instead of a load, send malformed chains one by one, then a good read, and
+    /// check each answer (exit status 0 when the backend answered as the spec says).
+    #[arg(long)]
+    hostile: bool,
 }
 
 const QSIZE: u16 = 256;
@@ -148,6 +152,9 @@ fn run(a: &Args) -> Result<(), String> {
     fe.set_vring_kick(0, &kick).map_err(|e| e.to_string())?;
     fe.set_vring_enable(0, true).map_err(|e| e.to_string())?;
 
+    if a.hostile {
+        return hostile(&mem, &kick, &call, capacity);
+    }
     let span = if a.span == 0 {
         capacity
     } else {
@@ -263,4 +270,199 @@ fn run(a: &Args) -> Result<(), String> {
         return Err(format!("{errors} requests failed"));
     }
     Ok(())
+}
+
+/// One descriptor: (address, length, flags, next).
+type Desc = (u64, u32, u16, u16);
+
+/// Sends malformed chains through the real vring and checks the answers: the backend
+/// must return every chain (status IOERR/UNSUPP, or length 0 when it has no usable
+/// status byte) and keep serving.
+fn hostile(
+    mem: &GuestMemoryMmap,
+    kick: &EventFd,
+    call: &EventFd,
+    capacity: u64,
+) -> Result<(), String> {
+    let e = |e: vm_memory::GuestMemoryError| e.to_string();
+    let mem_end = mem.last_addr().0 + 1;
+    let header = |ty: u32, sector: u64| -> Result<(), String> {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&ty.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(HDR)).map_err(e)?;
+        mem.write_slice(&[0xff], GuestAddress(STATUS)).map_err(e)
+    };
+    const N: u16 = 1;
+    const W: u16 = 2;
+    // (name, type, sector, chain, expected used length, expected status if len > 0)
+    let cases: Vec<(&str, u32, u64, Vec<Desc>, u32, u8)> = vec![
+        (
+            "data outside memory",
+            0,
+            0,
+            vec![
+                (HDR, 16, N, 1),
+                (mem_end + 4096, 512, N | W, 2),
+                (STATUS, 1, W, 0),
+            ],
+            1,
+            1,
+        ),
+        (
+            "data straddling the end of memory",
+            0,
+            0,
+            vec![
+                (HDR, 16, N, 1),
+                (mem_end - 256, 512, N | W, 2),
+                (STATUS, 1, W, 0),
+            ],
+            1,
+            1,
+        ),
+        (
+            "descriptor loop",
+            0,
+            0,
+            vec![(HDR, 16, N, 1), (DATA, 512, N | W, 0)],
+            0,
+            0,
+        ),
+        (
+            "next outside the table",
+            0,
+            0,
+            vec![(HDR, 16, N, 300)],
+            0,
+            0,
+        ),
+        (
+            "status outside memory",
+            0,
+            0,
+            vec![(HDR, 16, N, 1), (mem_end + 8, 1, W, 0)],
+            0,
+            0,
+        ),
+        (
+            "no status descriptor",
+            1,
+            0,
+            vec![(HDR, 16, N, 1), (DATA, 512, 0, 0)],
+            0,
+            0,
+        ),
+        (
+            "short header",
+            0,
+            0,
+            vec![(HDR, 8, N, 1), (STATUS, 1, W, 0)],
+            1,
+            1,
+        ),
+        (
+            "sector beyond capacity",
+            0,
+            capacity / 512,
+            vec![(HDR, 16, N, 1), (DATA, 512, N | W, 2), (STATUS, 1, W, 0)],
+            1,
+            1,
+        ),
+        (
+            "unsupported type",
+            0x77,
+            0,
+            vec![(HDR, 16, N, 1), (STATUS, 1, W, 0)],
+            1,
+            2,
+        ),
+        (
+            "huge length",
+            0,
+            0,
+            vec![
+                (HDR, 16, N, 1),
+                (DATA, u32::MAX - 64, N | W, 2),
+                (STATUS, 1, W, 0),
+            ],
+            1,
+            1,
+        ),
+        (
+            "good read",
+            0,
+            0,
+            vec![(HDR, 16, N, 1), (DATA, 4096, N | W, 2), (STATUS, 1, W, 0)],
+            4097,
+            0,
+        ),
+    ];
+    let mut avail_idx: u16 = 0;
+    let mut failures = Vec::new();
+    for (name, ty, sector, chain, want_len, want_status) in cases {
+        header(ty, sector)?;
+        for (i, (addr, len, flags, next)) in chain.iter().enumerate() {
+            let mut d = [0u8; 16];
+            d[0..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..16].copy_from_slice(&next.to_le_bytes());
+            mem.write_slice(&d, GuestAddress(DESC + 16 * i as u64))
+                .map_err(e)?;
+        }
+        let ring = AVAIL + 4 + 2 * u64::from(avail_idx % QSIZE);
+        mem.write_slice(&0u16.to_le_bytes(), GuestAddress(ring))
+            .map_err(e)?;
+        fence(Ordering::Release);
+        avail_idx = avail_idx.wrapping_add(1);
+        mem.store(avail_idx, GuestAddress(AVAIL + 2), Ordering::Release)
+            .map_err(e)?;
+        kick.write(1).map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        loop {
+            let used: u16 = mem
+                .load(GuestAddress(USED + 2), Ordering::Acquire)
+                .map_err(e)?;
+            if used == avail_idx {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                return Err(format!("{name}: the chain was never returned"));
+            }
+            let _ = wait_call_timeout(call);
+        }
+        let at = USED + 4 + 8 * u64::from((avail_idx.wrapping_sub(1)) % QSIZE);
+        let len: u32 = mem.read_obj(GuestAddress(at + 4)).map_err(e)?;
+        let st: u8 = mem.read_obj(GuestAddress(STATUS)).map_err(e)?;
+        let ok = len == want_len && (len == 0 || st == want_status);
+        println!(
+            "{}",
+            serde_json::json!({"case": name, "len": len, "status": st, "ok": ok})
+        );
+        if !ok {
+            failures.push(name);
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("unexpected answers: {failures:?}"))
+    }
+}
+
+/// Waits up to 100 ms for a notification.
+fn wait_call_timeout(call: &EventFd) -> std::io::Result<()> {
+    let mut p = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(call),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for the duration of the call.
+    unsafe { libc::poll(&mut p, 1, 100) };
+    match call.read() {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+        Err(e) => Err(e),
+    }
 }
