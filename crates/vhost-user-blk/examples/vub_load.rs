@@ -275,6 +275,10 @@ fn run(a: &Args) -> Result<(), String> {
 /// One descriptor: (address, length, flags, next).
 type Desc = (u64, u32, u16, u16);
 
+/// A hostile case: name, request type, sector, chain, expected used length, expected
+/// status (when the length is not 0).
+type Case = (&'static str, u32, u64, Vec<Desc>, u32, u8);
+
 /// Sends malformed chains through the real vring and checks the answers: the backend
 /// must return every chain (status IOERR/UNSUPP, or length 0 when it has no usable
 /// status byte) and keep serving.
@@ -296,7 +300,7 @@ fn hostile(
     const N: u16 = 1;
     const W: u16 = 2;
     // (name, type, sector, chain, expected used length, expected status if len > 0)
-    let cases: Vec<(&str, u32, u64, Vec<Desc>, u32, u8)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "data outside memory",
             0,
