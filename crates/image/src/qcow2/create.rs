@@ -204,14 +204,17 @@ impl Qcow2 {
             m.header.size = new_size;
         }
         self.size.store(new_size, Ordering::Release);
-        // The tail of the old last cluster must read as zeroes after growing.
-        if old % g.cs != 0 {
-            let tail_end = (old / g.cs + 1) * g.cs;
-            let s = self.status_impl(old, tail_end.min(new_size) - old)?;
-            if s.allocated && !s.zero || (!s.allocated && self.backing_node().is_some()) {
+        // The new area must read as zeroes: the tail of the old last cluster may hold
+        // data, and a longer backing file would show through unallocated clusters.
+        let backing_end = self.backing_node().map(|b| b.size()).unwrap_or(0);
+        let tail_end = old.div_ceil(g.cs) * g.cs;
+        let zero_end = tail_end.max(backing_end).min(new_size);
+        if zero_end > old {
+            let s = self.status_impl(old, tail_end.max(old + 1).min(new_size) - old)?;
+            if (s.allocated && !s.zero) || backing_end > old {
                 self.zero_impl(
                     old,
-                    tail_end.min(new_size) - old,
+                    zero_end - old,
                     super::io::ZeroMode::Zero { unmap: false },
                 )?;
             }
@@ -261,9 +264,9 @@ impl Qcow2 {
                 }
                 host_ranges.push((base, todo.len() as u64 * g.cs));
             }
-            m.flush(st)?;
             gc += n;
         }
+        self.lock().flush(st)?;
         let file_end = host_ranges
             .iter()
             .map(|(o, l)| o + l)

@@ -307,7 +307,11 @@ impl Header {
                 return Err(Error::corrupt("Backing file name too long"));
             }
             let start = h.backing_file_offset;
-            let end = start + h.backing_file_size as u64;
+            let end = start
+                .checked_add(h.backing_file_size as u64)
+                .ok_or_else(|| {
+                    Error::corrupt("Backing file name lies outside the first cluster")
+                })?;
             if end > cs || end as usize > buf.len() {
                 return Err(Error::corrupt(
                     "Backing file name lies outside the first cluster",

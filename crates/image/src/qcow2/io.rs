@@ -590,14 +590,14 @@ impl Qcow2 {
             let gc = pos >> g.cluster_bits;
             let cstart = gc << g.cluster_bits;
             let cend = (cstart + g.cs).min(end);
-            // The last cluster of an unaligned image counts as whole at the image end.
-            let eff_end = if cend == size { cstart + g.cs } else { cend };
-            let a_start = pos.div_ceil(unit) * unit;
-            let a_end = if eff_end == cstart + g.cs && cend == size {
-                eff_end
+            // A unit cut short by the image end counts as whole.
+            let eff_end = if cend == size {
+                cend.div_ceil(unit) * unit
             } else {
-                cend / unit * unit
+                cend
             };
+            let a_start = pos.div_ceil(unit) * unit;
+            let a_end = eff_end / unit * unit;
             if a_start < a_end {
                 let mask = if g.ext {
                     self.touched_mask(a_start - cstart, a_end - a_start)
@@ -608,12 +608,12 @@ impl Qcow2 {
                 let handled = self.zero_units(gc, mask, whole, mode)?;
                 if !handled {
                     if let ZeroMode::Zero { .. } = mode {
-                        self.write_zero_bytes(a_start, a_end.min(size) - a_start)?;
+                        self.write_zero_bytes(a_start, a_end.min(cend) - a_start)?;
                     }
                 }
                 if matches!(mode, ZeroMode::Zero { .. }) {
                     if pos < a_start {
-                        self.write_zero_bytes(pos, a_start - pos)?;
+                        self.write_zero_bytes(pos, a_start.min(cend) - pos)?;
                     }
                     if a_end < cend {
                         self.write_zero_bytes(a_end, cend - a_end)?;

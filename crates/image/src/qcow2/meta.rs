@@ -399,7 +399,20 @@ impl Meta {
     /// and growing the refcount table when needed.
     pub fn update_refcount(&mut self, st: &dyn Storage, idx: u64, delta: i64) -> Result<()> {
         let rbi = idx / self.geo.rb_entries;
-        let off = self.ensure_rb(st, rbi)?;
+        let off = if delta < 0 {
+            // Lowering a refcount never creates refcount structures: a missing block
+            // means the refcount is already zero.
+            match self.rb_offset(rbi)? {
+                0 => {
+                    return Err(Error::corrupt(format!(
+                        "Refcount underflow for cluster {idx}"
+                    )))
+                }
+                off => off,
+            }
+        } else {
+            self.ensure_rb(st, rbi)?
+        };
         self.load_rb(st, off)?;
         let i = (idx % self.geo.rb_entries) as usize;
         let order = self.geo.refcount_order;
@@ -465,6 +478,9 @@ impl Meta {
     /// refcount blocks describing it go after everything else in the file.
     fn grow_reftable(&mut self, st: &dyn Storage, min_rbi: u64) -> Result<()> {
         let cs = self.geo.cs;
+        if (min_rbi + 1).saturating_mul(8) > super::header::MAX_REFTABLE_BYTES {
+            return Err(Error::NoSpace("Refcount table would grow too large".into()));
+        }
         let e = self.geo.rb_entries;
         let start = self.end_cluster.max(1);
         let mut entries = (min_rbi + 1).max(self.rc_table.len() as u64 * 2).max(1);

@@ -1,0 +1,4 @@
+//! Fuzz target `qcow2_open`: see `strata_fuzz_harness::qcow2_open` for what it feeds and checks.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| strata_fuzz_harness::qcow2_open(data));

@@ -1,0 +1,50 @@
+//! The logic behind Strata's fuzz targets.
+//!
+//! Every target in `fuzz/fuzz_targets/` is a one-line call into this crate, so that the
+//! same code runs under libFuzzer (`cargo +nightly fuzz run <target>`) and under stable
+//! `cargo test`, which replays every input stored in `fuzz/regressions/<target>/`
+//! (see `tests/regressions.rs`). Each entry point takes the raw fuzzer input and panics
+//! when an invariant breaks; inputs that a driver rightly refuses are not failures.
+//!
+//! The targets:
+//!
+//! - [`qcow2_open`]: arbitrary bytes as a qcow2 image, opened read-write and read-only,
+//!   driven by a short operation script taken from the input's tail, then checked and
+//!   repaired.
+//! - [`qcow2_model`]: structure-aware operation sequences on a freshly created qcow2 image,
+//!   compared byte for byte with an in-memory model of the disk.
+//! - [`raw_model`]: the same for the raw driver.
+//! - [`qcow2_header`]: the qcow2 header parser alone, with a serialise/parse round trip.
+//! - [`qmp_json`]: the QMP monitor's JSON stream parser, split three ways, with a
+//!   print/parse round trip.
+//! - [`blockdev_options`]: `--blockdev` / `blockdev-add` options, key=value and JSON.
+
+mod blockdev;
+mod header;
+mod model;
+mod open;
+mod pattern;
+mod qmp_json;
+
+pub use blockdev::blockdev_options;
+pub use header::qcow2_header;
+pub use model::{qcow2_model, raw_model};
+pub use open::qcow2_open;
+pub use qmp_json::qmp_json;
+
+/// The most an in-memory image under test may grow to. Drivers that try to write past it
+/// get an error from the storage, never more memory.
+pub const STORAGE_LIMIT: u64 = 64 << 20;
+
+/// A target's entry point: takes the fuzzer input, panics when an invariant breaks.
+pub type Target = fn(&[u8]);
+
+/// Every fuzz target by name, with its entry point (what the regression replay iterates).
+pub const TARGETS: &[(&str, Target)] = &[
+    ("qcow2_open", qcow2_open),
+    ("qcow2_model", qcow2_model),
+    ("raw_model", raw_model),
+    ("qcow2_header", qcow2_header),
+    ("qmp_json", qmp_json),
+    ("blockdev_options", blockdev_options),
+];
