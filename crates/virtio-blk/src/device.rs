@@ -558,10 +558,17 @@ impl<B: BlockBackend> VirtioBlk<B> {
         let size = queue.size().max(self.opts.queue_size);
         loop {
             queue.disable_notification(mem)?;
+            let mut popped = 0usize;
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                popped += 1;
                 match self.process_chain(chain, size) {
                     Outcome::Done(c) => {
-                        queue.add_used(mem, c.head, c.len)?;
+                        // A head outside the descriptor table cannot be returned;
+                        // skip it and keep serving the rest of the ring.
+                        if let Err(e) = queue.add_used(mem, c.head, c.len) {
+                            tracing::warn!(head = c.head, error = %e, "cannot return a chain");
+                            continue;
+                        }
                         run.completed += 1;
                     }
                     Outcome::Stopped(p) => {
@@ -574,6 +581,14 @@ impl<B: BlockBackend> VirtioBlk<B> {
                 }
             }
             if !queue.enable_notification(mem)? {
+                break;
+            }
+            // The ring claims more available entries than the queue would hand out (an
+            // available index too far ahead, a head outside the table): without
+            // progress, stop rather than spin; the next kick tries again.
+            if popped == 0 {
+                tracing::warn!("virtqueue available ring is invalid; not processing it");
+                queue.enable_notification(mem)?;
                 break;
             }
         }

@@ -765,3 +765,23 @@ fn options_are_validated() {
         assert!(VirtioBlk::new(disk.clone(), bad).is_err());
     }
 }
+
+#[test]
+fn broken_available_ring_does_not_spin() {
+    let m = mem();
+    let disk = MemDisk::new(false);
+    let dv = dev(&disk);
+    let q = MockSplitQueue::new(&m, 16);
+    let mut queue: Queue = q.create_queue().unwrap();
+    // Available index far beyond what a 16-entry queue can hold.
+    q.avail().idx().store(1000);
+    let r = dv.process_queue(&mut queue, &m).unwrap();
+    assert_eq!(r.completed, 0);
+    // A head index outside the descriptor table.
+    let q = MockSplitQueue::new(&m, 16);
+    let mut queue: Queue = q.create_queue().unwrap();
+    q.avail().ring().ref_at(0).unwrap().store(500);
+    q.avail().idx().store(1);
+    let r = dv.process_queue(&mut queue, &m).unwrap();
+    assert_eq!(r.completed, 0);
+}
