@@ -10,8 +10,8 @@ use std::sync::Arc;
 use serde_json::json;
 use strata_block::{BlockGraph, BlockNode, BlockdevOptions};
 use strata_image::{create_image, CreateOptions, Format};
-use strata_jobs::backup::{create_backup, BackupParams, BitmapMode, OnCbwError, Perf, SyncMode};
-use strata_jobs::{JobManager, JobOptions, NoEvents, OnError};
+use strata_jobs::backup::{create_backup, BackupParams, BitmapMode, SyncMode};
+use strata_jobs::{JobManager, NoEvents};
 use strata_tests::qemu;
 
 const SIZE: u64 = 32 << 20;
@@ -47,29 +47,9 @@ fn backup(
     sync: SyncMode,
     bitmap: Option<&str>,
 ) {
-    let job = create_backup(
-        g,
-        jobs,
-        BackupParams {
-            job_id: "j".into(),
-            source: src.clone(),
-            target: tgt.clone(),
-            target_owned: false,
-            sync,
-            bitmap: bitmap.map(|b| (src.bitmap(b).unwrap(), Some(BitmapMode::OnSuccess))),
-            bitmap_mode_without_bitmap: false,
-            compress: false,
-            on_source_error: OnError::Report,
-            on_target_error: OnError::Report,
-            filter_node_name: None,
-            discard_source: false,
-            perf: Perf::default(),
-            on_cbw_error: OnCbwError::BreakGuestWrite,
-            cbw_timeout: 0,
-            job: JobOptions::default(),
-        },
-    )
-    .unwrap();
+    let mut p = BackupParams::new("j", src.clone(), tgt.clone(), sync);
+    p.bitmap = bitmap.map(|b| (src.bitmap(b).unwrap(), Some(BitmapMode::OnSuccess)));
+    let job = create_backup(g, jobs, p).unwrap();
     jobs.start(&job, false).unwrap();
     job.wait_concluded();
     assert!(job.error().is_none(), "{:?}", job.error());

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use strata_block::{BlockGraph, BlockNode, BlockdevOptions};
 use strata_image::{create_image, CreateOptions, Format};
-use strata_jobs::backup::{create_backup, BackupParams, OnCbwError, Perf, SyncMode};
-use strata_jobs::{JobManager, JobOptions, JobStatus, NoEvents, OnError};
+use strata_jobs::backup::{create_backup, BackupParams, SyncMode};
+use strata_jobs::{JobManager, JobStatus, NoEvents, OnError};
 use strata_tests::qemu;
 
 const SIZE: u64 = 24 << 20;
@@ -95,29 +95,9 @@ fn full_target_filesystem_stops_then_completes() {
     src.write(&data, 0).unwrap();
     let tgt = open(&g, "tgt", &tgt_path);
     let jobs = JobManager::new(Arc::new(NoEvents));
-    let job = create_backup(
-        &g,
-        &jobs,
-        BackupParams {
-            job_id: "j".into(),
-            source: src.clone(),
-            target: tgt.clone(),
-            target_owned: false,
-            sync: SyncMode::Full,
-            bitmap: None,
-            bitmap_mode_without_bitmap: false,
-            compress: false,
-            on_source_error: OnError::Report,
-            on_target_error: OnError::Enospc,
-            filter_node_name: None,
-            discard_source: false,
-            perf: Perf::default(),
-            on_cbw_error: OnCbwError::BreakGuestWrite,
-            cbw_timeout: 0,
-            job: JobOptions::default(),
-        },
-    )
-    .unwrap();
+    let mut p = BackupParams::new("j", src.clone(), tgt.clone(), SyncMode::Full);
+    p.on_target_error = OnError::Enospc;
+    let job = create_backup(&g, &jobs, p).unwrap();
     jobs.start(&job, false).unwrap();
     let t0 = Instant::now();
     while job.status() != JobStatus::Paused {

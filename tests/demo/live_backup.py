@@ -85,7 +85,7 @@ def main():
         "--blockdev", "driver=qcow2,node-name=disk0,file=file0",
         "--chardev", f"socket,id=mon0,path={sock},server=on,wait=off",
         "--monitor", "chardev=mon0",
-    ])
+    ], stdout=subprocess.DEVNULL)  # qemu-io prints each write there, as in QEMU
     try:
         qmp = Qmp(sock)
         model = bytearray(size)

@@ -427,7 +427,10 @@ impl DirtyBitmap {
         if let Some(n) = &s.name {
             v["name"] = json!(n);
         }
-        v["recording"] = json!(s.enabled);
+        // A frozen bitmap records through its successor (QEMU's
+        // bdrv_dirty_bitmap_recording).
+        let succ_recording = s.successor.as_ref().is_some_and(|b| b.enabled());
+        v["recording"] = json!(s.enabled || succ_recording);
         v["persistent"] = json!(s.persistent);
         v["busy"] = json!(s.busy || s.successor.is_some());
         v["granularity"] = json!(s.granularity);

@@ -44,20 +44,31 @@ pub struct InjectError {
 /// A node that injects errors into requests to its child.
 pub struct BlkDebug {
     child: Arc<BlockNode>,
-    rules: Mutex<Vec<(InjectError, bool)>>,
+    rules: Arc<Rules>,
 }
+
+/// The armed rules, shared with the [`DebugStorage`] that format nodes above use.
+struct Rules(Mutex<Vec<(InjectError, bool)>>);
 
 impl BlkDebug {
     /// A blkdebug layer over `child` with `rules`.
     pub fn new(child: Arc<BlockNode>, rules: Vec<InjectError>) -> Self {
         BlkDebug {
             child,
-            rules: Mutex::new(rules.into_iter().map(|r| (r, true)).collect()),
+            rules: Arc::new(Rules(Mutex::new(
+                rules.into_iter().map(|r| (r, true)).collect(),
+            ))),
         }
     }
 
     fn check(&self, t: IoType, offset: u64, len: u64) -> Result<()> {
-        let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+        self.rules.check(t, offset, len)
+    }
+}
+
+impl Rules {
+    fn check(&self, t: IoType, offset: u64, len: u64) -> Result<()> {
+        let mut rules = self.0.lock().unwrap_or_else(|e| e.into_inner());
         for (r, armed) in rules.iter_mut() {
             let kind_matches =
                 r.iotype == t || (r.iotype == IoType::Write && matches!(t, IoType::WriteZeroes));
@@ -125,7 +136,15 @@ impl FormatDriver for BlkDebug {
         self.child.io().backing()
     }
     fn storage(&self) -> Arc<dyn Storage> {
-        self.child.io().storage()
+        // A format node opened over blkdebug (QEMU's usual layering, e.g.
+        // raw { file: blkdebug { image: file } }) does its I/O through this, so the
+        // rules apply to it too. Unlike QEMU, whose rules fire on the events the
+        // format driver raises (write_aio for data only), they match every request
+        // of the type, metadata included.
+        Arc::new(DebugStorage {
+            inner: self.child.io().storage(),
+            rules: self.rules.clone(),
+        })
     }
     fn info(&self) -> Result<ImageInfo> {
         let mut i = self.child.io().info()?;
@@ -147,5 +166,58 @@ impl FormatDriver for BlkDebug {
     }
     fn close(&self) -> Result<()> {
         Ok(())
+    }
+}
+
+/// The child's storage with the blkdebug rules applied.
+struct DebugStorage {
+    inner: Arc<dyn Storage>,
+    rules: Arc<Rules>,
+}
+
+impl Storage for DebugStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.rules.check(IoType::Read, offset, buf.len() as u64)?;
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.rules.check(IoType::Write, offset, buf.len() as u64)?;
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<()> {
+        self.rules.check(IoType::Flush, 0, 0)?;
+        self.inner.flush()
+    }
+    fn size(&self) -> Result<u64> {
+        self.inner.size()
+    }
+    fn set_size(&self, size: u64) -> Result<()> {
+        self.inner.set_size(size)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.rules.check(IoType::Discard, offset, len)?;
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.rules.check(IoType::WriteZeroes, offset, len)?;
+        self.inner.write_zeroes(offset, len, unmap)
+    }
+    fn preallocate(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.preallocate(offset, len)
+    }
+    fn extent_at(&self, offset: u64, len: u64) -> Result<(bool, u64)> {
+        self.inner.extent_at(offset, len)
+    }
+    fn allocated_size(&self) -> Result<u64> {
+        self.inner.allocated_size()
+    }
+    fn alignment(&self) -> usize {
+        self.inner.alignment()
+    }
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
     }
 }

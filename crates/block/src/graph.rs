@@ -13,7 +13,9 @@ use crate::bitmap::{check_granularity, DirtyBitmap};
 use crate::error::{BlockError, BlockResult};
 use crate::node::{BlockNode, NodeSettings};
 use crate::null::NullDisk;
-use crate::options::{BackingRef, BlockdevOptions, ChildRef, DriverOptions};
+use crate::options::{
+    BackingRef, BlockdevOptions, ChildRef, DetectZeroes, DiscardMode, DriverOptions,
+};
 
 /// A bitmap named by node and name (a `block-dirty-bitmap-merge` source).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,12 +38,15 @@ pub struct BlockGraph {
     state: Mutex<State>,
 }
 
+/// The longest node name QEMU accepts (its buffer holds 32 bytes with the NUL);
+/// longer well-formed names get "Node name too long" after the duplicate check.
+pub const MAX_NODE_NAME: usize = 31;
+
 /// Checks a node name with QEMU's rules: a letter first, then letters, digits,
-/// '-', '.' and '_', at most 31 characters.
+/// '-', '.' and '_' (the length is checked separately).
 pub fn valid_node_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
-        && name.len() <= 31
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
 }
 
@@ -85,6 +90,13 @@ impl BlockGraph {
         })
     }
 
+    /// Finds a node by node-name for the bitmap commands, with their error text
+    /// ("Node 'x' not found").
+    pub fn find_node(&self, node: &str) -> BlockResult<Arc<BlockNode>> {
+        self.node(node)
+            .ok_or_else(|| BlockError::generic(format!("Node '{node}' not found")))
+    }
+
     fn auto_name(&self) -> String {
         let mut s = self.lock();
         s.next_auto += 1;
@@ -97,7 +109,21 @@ impl BlockGraph {
             BlockError::generic("'node-name' must be specified for the root node")
         })?;
         let _ = name;
-        self.open_node(opts, false)
+        let before = self.nodes();
+        let r = self.open_node(opts, false);
+        if r.is_err() {
+            // Inline children opened before the failure go away with it, as in QEMU.
+            let added: Vec<_> = self
+                .nodes()
+                .into_iter()
+                .filter(|n| !before.iter().any(|b| Arc::ptr_eq(b, n)))
+                .collect();
+            for n in added.iter().rev() {
+                let _ = n.close();
+                self.lock().nodes.retain(|x| !Arc::ptr_eq(x, n));
+            }
+        }
+        r
     }
 
     /// Opens a node that the graph names itself when `node_name` is absent (targets
@@ -141,6 +167,9 @@ impl BlockGraph {
                         "Duplicate nodes with node-name='{n}'"
                     )));
                 }
+                if n.len() > MAX_NODE_NAME {
+                    return Err(BlockError::generic("Node name too long"));
+                }
                 (n.clone(), false)
             }
             None if implicit_ok => (self.auto_name(), true),
@@ -150,6 +179,11 @@ impl BlockGraph {
                 ))
             }
         };
+        if opts.detect_zeroes == DetectZeroes::Unmap && opts.discard != DiscardMode::Unmap {
+            return Err(BlockError::generic(
+                "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap",
+            ));
+        }
         let settings = NodeSettings {
             read_only: opts.read_only,
             cache_direct: opts.cache_direct,
@@ -213,7 +247,12 @@ impl BlockGraph {
                 Arc::new(NullDisk::new(*size)),
                 None,
                 None,
-                "null-co://".into(),
+                // QEMU names it by its options when they differ from the defaults.
+                if *size == 1 << 30 {
+                    "null-co://".into()
+                } else {
+                    format!("json:{{\"driver\": \"null-co\", \"size\": {size}}}")
+                },
                 settings,
             ),
             DriverOptions::Format {
@@ -246,7 +285,12 @@ impl BlockGraph {
                     let force = matches!(backing, BackingRef::Child(_));
                     let mut opener = |bname: &str, bfmt: Option<&str>| {
                         let r = match backing {
-                            BackingRef::Child(c) => self.child(c, opts),
+                            BackingRef::Child(c) => self.child(c, opts).map_err(|e| {
+                                BlockError::generic(format!(
+                                    "Could not open backing file: {}",
+                                    e.desc
+                                ))
+                            }),
                             _ => self.open_implicit_backing(&filename, bname, bfmt, cache),
                         };
                         match r {
@@ -280,11 +324,30 @@ impl BlockGraph {
                     let q = match (q, open_err) {
                         (Ok(q), _) => q,
                         (Err(_), Some(e)) => return Err(e),
-                        (Err(e), None) => {
-                            return Err(BlockError::generic(format!(
-                                "Could not open '{filename}': {e}"
-                            )))
+                        // The format driver's own message, as QEMU reports it
+                        // ("Image is not in qcow2 format").
+                        (Err(e), None) => return Err(BlockError::generic(e.to_string())),
+                    };
+                    let header_backing = q.info().ok().and_then(|i| i.backing_filename);
+                    let overridden = match backing {
+                        BackingRef::None => header_backing.is_some(),
+                        BackingRef::Child(_) => {
+                            backing_node.as_ref().map(|b| b.filename()) != header_backing.as_deref()
                         }
+                        BackingRef::Default => false,
+                    };
+                    let filename = if overridden {
+                        // QEMU names a node whose backing differs from the image's
+                        // header by its options (bdrv_refresh_filename).
+                        format!(
+                            "json:{{\"backing\": {}, \"driver\": \"qcow2\", \"file\": {}}}",
+                            backing_node
+                                .as_ref()
+                                .map_or("null".to_string(), |b| b.json_options()),
+                            file_node.json_options()
+                        )
+                    } else {
+                        filename
                     };
                     let node = BlockNode::new(
                         name,
@@ -380,6 +443,11 @@ impl BlockGraph {
         let node = self.node(name).ok_or_else(|| {
             BlockError::generic(format!("Failed to find node with node-name='{name}'"))
         })?;
+        if let Some(reason) = node.blocker() {
+            return Err(BlockError::generic(format!(
+                "Node '{name}' is busy: {reason}"
+            )));
+        }
         if node.implicit() {
             return Err(BlockError::generic(format!(
                 "Node {name} is not owned by the monitor"
@@ -445,7 +513,7 @@ impl BlockGraph {
         node: &str,
         name: &str,
     ) -> BlockResult<(Arc<BlockNode>, Arc<DirtyBitmap>)> {
-        let n = self.lookup(Some(node), node)?;
+        let n = self.find_node(node)?;
         let b = n
             .bitmap(name)
             .ok_or_else(|| BlockError::generic(format!("Dirty bitmap '{name}' not found")))?;
@@ -480,15 +548,12 @@ impl BlockGraph {
         persistent: bool,
         disabled: bool,
     ) -> BlockResult<()> {
-        let n = self.lookup(Some(node), node)?;
+        // QEMU's order: empty name, node, granularity, what the image can store,
+        // then the bitmap's own name checks.
         if name.is_empty() {
             return Err(BlockError::generic("Bitmap name cannot be empty"));
         }
-        if n.bitmap(name).is_some() {
-            return Err(BlockError::generic(format!(
-                "Bitmap already exists: {name}"
-            )));
-        }
+        let n = self.lookup(Some(node), node)?;
         let g = granularity.unwrap_or_else(|| n.default_bitmap_granularity());
         check_granularity(g)?;
         if persistent {
@@ -512,6 +577,14 @@ impl BlockGraph {
                 )));
             }
         }
+        if n.bitmap(name).is_some() {
+            return Err(BlockError::generic(format!(
+                "Bitmap already exists: {name}"
+            )));
+        }
+        if name.len() > MAX_BITMAP_NAME {
+            return Err(BlockError::generic(format!("Bitmap name too long: {name}")));
+        }
         let b = DirtyBitmap::new(Some(name.to_string()), g, n.size())?;
         b.set_persistent(persistent);
         b.set_enabled(!disabled);
@@ -525,6 +598,13 @@ impl BlockGraph {
         if b.busy() {
             return Err(BlockError::generic(format!(
                 "Bitmap '{name}' is currently in use by another operation and cannot be used"
+            )));
+        }
+        // QEMU checks busy and read-only here, not inconsistent: an inconsistent
+        // bitmap can (only) be removed.
+        if n.read_only() && b.persistent() {
+            return Err(BlockError::generic(format!(
+                "Bitmap '{name}' is readonly and cannot be modified"
             )));
         }
         n.remove_bitmap(&b);
@@ -553,7 +633,8 @@ impl BlockGraph {
         Self::check_modifiable(&t, target, false, n.read_only())?;
         let mut srcs = Vec::new();
         for s in sources {
-            let (_, b) = self.find_bitmap(&s.node, &s.name)?;
+            let (sn, b) = self.find_bitmap(&s.node, &s.name)?;
+            Self::check_modifiable(&b, &s.name, true, sn.read_only())?;
             if b.disk_size() != t.disk_size() {
                 return Err(BlockError::generic(format!(
                     "Bitmaps are of different sizes (destination size is {}, source size is {}) and can't be merged",
@@ -575,6 +656,9 @@ impl BlockGraph {
         Ok(json!({ "sha256": b.sha256() }))
     }
 }
+
+/// The longest dirty bitmap name QEMU accepts (`BDRV_BITMAP_MAX_NAME_SIZE`).
+const MAX_BITMAP_NAME: usize = 1023;
 
 fn open_error(filename: &str) -> impl Fn(strata_image::Error) -> BlockError + '_ {
     move |e| match e {

@@ -48,6 +48,9 @@ pub struct BlockNode {
     bitmaps: RwLock<Vec<Arc<DirtyBitmap>>>,
     tracker: RequestTracker,
     hooks: RwLock<Vec<Arc<dyn BeforeWrite>>>,
+    blocker: std::sync::Mutex<Option<String>>,
+    /// Names of the bitmaps loaded from the image, in its directory order.
+    loaded_bitmaps: std::sync::Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for BlockNode {
@@ -84,7 +87,41 @@ impl BlockNode {
             bitmaps: RwLock::new(Vec::new()),
             tracker: RequestTracker::default(),
             hooks: RwLock::new(Vec::new()),
+            blocker: std::sync::Mutex::new(None),
+            loaded_bitmaps: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// The node's options as the JSON text QEMU puts in `json:` pseudo-filenames
+    /// (`driver` and `filename` or `file`; `backing` only where it was overridden,
+    /// which the node's own `json:` filename already says).
+    pub fn json_options(&self) -> String {
+        if let Some(j) = self.filename.strip_prefix("json:") {
+            return j.to_string();
+        }
+        let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
+        match (&self.file, self.driver.as_str()) {
+            (_, "file") => format!(
+                "{{\"driver\": \"file\", \"filename\": {}}}",
+                q(&self.filename)
+            ),
+            (Some(f), d) => format!("{{\"driver\": {}, \"file\": {}}}", q(d), f.json_options()),
+            (None, d) => format!("{{\"driver\": {}}}", q(d)),
+        }
+    }
+
+    /// Why operations on this node are blocked (QEMU's op blocker reason, e.g.
+    /// "block device is in use by block job: backup"), if they are.
+    pub fn blocker(&self) -> Option<String> {
+        self.blocker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Sets or clears the op blocker reason.
+    pub fn set_blocker(&self, reason: Option<String>) {
+        *self.blocker.lock().unwrap_or_else(|e| e.into_inner()) = reason;
     }
 
     /// The node name.
@@ -331,7 +368,12 @@ impl BlockNode {
         };
         pb.track_externally();
         let size = self.size();
-        for sb in pb.load_bitmaps()? {
+        let stored = pb.load_bitmaps()?;
+        *self
+            .loaded_bitmaps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = stored.iter().map(|b| b.name.clone()).collect();
+        for sb in stored {
             let b = DirtyBitmap::new(Some(sb.name.clone()), sb.granularity, size)?;
             b.load_bytes(&sb.bits);
             b.set_enabled(sb.enabled && !sb.in_use);
@@ -372,8 +414,18 @@ impl BlockNode {
                 })
             })
             .collect();
-        // The node keeps newest first; the image keeps oldest first.
-        list.reverse();
+        // QEMU's directory order: bitmaps that came from the image keep their
+        // places, new ones follow in the node's order (newest first).
+        let loaded = self
+            .loaded_bitmaps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let pos = |b: &StoredBitmap| loaded.iter().position(|n| *n == b.name);
+        let (mut old, new): (Vec<_>, Vec<_>) = list.drain(..).partition(|b| pos(b).is_some());
+        old.sort_by_key(|b| pos(b));
+        old.extend(new);
+        let list = old;
         pb.store_bitmaps(&list)?;
         Ok(())
     }
@@ -421,12 +473,12 @@ impl BlockNode {
             "ro": self.read_only(),
             "drv": self.driver,
         });
-        if let Some(Ok(info)) = self.io.backing().map(|_| self.io.info()) {
-            if let Some(b) = info.backing_filename {
-                v["backing_file"] = json!(b);
-            }
+        // QEMU reports the backing node's filename here (not the header's string),
+        // and counts the chain only when not asked for flat output.
+        if let Some(b) = self.io.backing() {
+            v["backing_file"] = json!(b.storage().name());
         }
-        v["backing_file_depth"] = json!(self.backing_depth());
+        v["backing_file_depth"] = json!(if flat { 0 } else { self.backing_depth() });
         v["encrypted"] = json!(false);
         v["detect_zeroes"] = json!(self.settings.detect_zeroes.name());
         for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
@@ -442,11 +494,9 @@ impl BlockNode {
         let bitmaps = self.bitmaps();
         if !bitmaps.is_empty() {
             v["dirty-bitmaps"] = Value::Array(
-                bitmaps
-                    .iter()
-                    .filter(|b| b.name().is_some())
-                    .map(|b| b.info())
-                    .collect(),
+                // Anonymous bitmaps (a frozen bitmap's successor) are listed
+                // without a name, as in QEMU.
+                bitmaps.iter().map(|b| b.info()).collect(),
             );
         }
         v["active"] = json!(true);
@@ -479,14 +529,17 @@ pub fn image_info_json(
             let mut d = json!({
                 "compat": q.compat,
                 "compression-type": q.compression_type,
-                "lazy-refcounts": q.lazy_refcounts,
             });
             if let Some(bm) = &q.bitmaps {
                 d["bitmaps"] = json!(bm);
             }
             d["refcount-bits"] = json!(q.refcount_bits);
-            d["corrupt"] = json!(q.corrupt);
-            d["extended-l2"] = json!(q.extended_l2);
+            // QEMU leaves the v3-only members out for compat=0.10 images.
+            if q.compat != "0.10" {
+                d["lazy-refcounts"] = json!(q.lazy_refcounts);
+                d["corrupt"] = json!(q.corrupt);
+                d["extended-l2"] = json!(q.extended_l2);
+            }
             v["format-specific"] = json!({"type": "qcow2", "data": d});
         }
         None if driver == "file" => {
@@ -517,6 +570,9 @@ pub fn image_info_json(
             );
         }
     }
-    v["dirty-flag"] = json!(info.and_then(|i| i.dirty_flag).unwrap_or(false));
+    // null-co has no bdrv_get_info in QEMU, so no dirty-flag either.
+    if driver != "null-co" {
+        v["dirty-flag"] = json!(info.and_then(|i| i.dirty_flag).unwrap_or(false));
+    }
     v
 }

@@ -205,6 +205,18 @@ pub trait JobDriver: Send + Sync {
     fn speed_changed(&self, _speed: u64) {}
 }
 
+/// What a job's driver calls go to once the real driver was released at null.
+struct Finished(&'static str);
+
+impl JobDriver for Finished {
+    fn job_type(&self) -> &'static str {
+        self.0
+    }
+    fn run(&self, _ctx: &JobContext) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 /// `io-status` of a block job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoStatus {
@@ -237,7 +249,9 @@ struct State {
 /// A job.
 pub struct Job {
     id: String,
-    driver: Arc<dyn JobDriver>,
+    job_type: &'static str,
+    /// Dropped when the job reaches null, so that the nodes it used are free.
+    driver_slot: Mutex<Option<Arc<dyn JobDriver>>>,
     auto_finalize: bool,
     auto_dismiss: bool,
     state: Mutex<State>,
@@ -308,11 +322,29 @@ impl Job {
             );
         }
         st.status = to;
+        if to == JobStatus::Null {
+            // Release the driver (and the nodes it holds) before anyone hears
+            // that the job is gone.
+            let _ = self
+                .driver_slot
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+        }
         self.events.emit(
             "JOB_STATUS_CHANGE",
             json!({"id": self.id, "status": to.name()}),
         );
         self.cv.notify_all();
+    }
+
+    /// The job's driver; a no-op stand-in once the job has reached null.
+    fn driver(&self) -> Arc<dyn JobDriver> {
+        self.driver_slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| Arc::new(Finished(self.job_type)))
     }
 
     fn check_verb(&self, st: &State, verb: Verb) -> Result<(), JobError> {
@@ -330,7 +362,7 @@ impl Job {
 
     fn block_event_data(&self, st: &State) -> Value {
         json!({
-            "type": self.driver.job_type(),
+            "type": self.job_type,
             "device": self.id,
             "len": st.total,
             "offset": st.current,
@@ -342,7 +374,7 @@ impl Job {
     pub fn block_job_info(&self) -> Value {
         let st = self.lock();
         let mut v = json!({
-            "type": self.driver.job_type(),
+            "type": self.job_type,
             "device": self.id,
             "len": st.total,
             "offset": st.current,
@@ -370,7 +402,7 @@ impl Job {
         let st = self.lock();
         let mut v = json!({
             "id": self.id,
-            "type": self.driver.job_type(),
+            "type": self.job_type,
             "status": st.status.name(),
             "current-progress": st.current,
             "total-progress": st.total,
@@ -398,10 +430,11 @@ impl Job {
     /// `resume`.
     pub fn resume(&self) -> Result<(), JobError> {
         let mut st = self.lock();
-        self.check_verb(&st, Verb::Resume)?;
+        // QEMU checks this before the verb table.
         if !st.user_paused {
             return Err(JobError("Can't resume a job that was not paused".into()));
         }
+        self.check_verb(&st, Verb::Resume)?;
         st.user_paused = false;
         st.pause_count -= 1;
         st.io_status = IoStatus::Ok;
@@ -426,7 +459,7 @@ impl Job {
         st.pause_count = 0;
         st.kick += 1;
         drop(st);
-        self.driver.cancel_requested();
+        self.driver().cancel_requested();
         self.cv.notify_all();
         Ok(())
     }
@@ -438,7 +471,7 @@ impl Job {
         st.ratelimit.set_speed(speed);
         st.kick += 1;
         drop(st);
-        self.driver.speed_changed(speed);
+        self.driver().speed_changed(speed);
         self.cv.notify_all();
         Ok(())
     }
@@ -481,9 +514,27 @@ impl Job {
             return;
         }
         drop(st);
-        self.driver.abort();
-        self.driver.clean();
+        self.driver().abort();
+        self.driver().clean();
         st = self.lock();
+        self.transition(&mut st, JobStatus::Null);
+    }
+
+    /// Cancels a job that was created but never started (a transaction that
+    /// aborted): QEMU takes it through aborting and concluded to null, with no
+    /// BLOCK_JOB_CANCELLED.
+    pub fn cancel_unstarted(&self) {
+        let mut st = self.lock();
+        if st.status != JobStatus::Created {
+            return;
+        }
+        st.cancelled = true;
+        self.transition(&mut st, JobStatus::Aborting);
+        drop(st);
+        self.driver().abort();
+        self.driver().clean();
+        st = self.lock();
+        self.transition(&mut st, JobStatus::Concluded);
         self.transition(&mut st, JobStatus::Null);
     }
 
@@ -530,7 +581,7 @@ impl Job {
         let result = if ctx.is_cancelled() {
             Ok(())
         } else {
-            self.driver.run(&ctx)
+            self.driver().run(&ctx)
         };
         let mut st = self.lock();
         st.busy = false;
@@ -544,7 +595,7 @@ impl Job {
                     if !self.auto_finalize {
                         self.events.emit(
                             "BLOCK_JOB_PENDING",
-                            json!({"type": self.driver.job_type(), "id": self.id}),
+                            json!({"type": self.job_type, "id": self.id}),
                         );
                         while !st.finalize_requested && !st.cancelled {
                             st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -554,7 +605,7 @@ impl Job {
                         Outcome::Cancelled
                     } else {
                         drop(st);
-                        let p = self.driver.prepare();
+                        let p = self.driver().prepare();
                         st = self.lock();
                         match p {
                             Ok(()) => Outcome::Success,
@@ -575,10 +626,10 @@ impl Job {
         }
         drop(st);
         match &outcome {
-            Outcome::Success => self.driver.commit(),
-            _ => self.driver.abort(),
+            Outcome::Success => self.driver().commit(),
+            _ => self.driver().abort(),
         }
-        self.driver.clean();
+        self.driver().clean();
         let mut st = self.lock();
         let mut data = self.block_event_data(&st);
         match &outcome {
@@ -846,7 +897,8 @@ impl JobManager {
         }
         let job = Arc::new(Job {
             id: id.to_string(),
-            driver,
+            job_type: driver.job_type(),
+            driver_slot: Mutex::new(Some(driver)),
             auto_finalize: opts.auto_finalize,
             auto_dismiss: opts.auto_dismiss,
             state: Mutex::new(State {

@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use strata_block::{BlockGraph, BlockNode, BlockdevOptions};
 use strata_image::{create_image, CreateOptions, Format};
-use strata_jobs::backup::{create_backup, BackupParams, BitmapMode, OnCbwError, Perf, SyncMode};
-use strata_jobs::{EventSink, JobManager, JobOptions, JobStatus, OnError};
+use strata_jobs::backup::{create_backup, BackupParams, BitmapMode, OnCbwError, SyncMode};
+use strata_jobs::{EventSink, JobManager, JobStatus, OnError};
 
 const SIZE: u64 = 16 << 20;
 const BLOCK: u64 = 4096;
@@ -60,27 +60,9 @@ fn params(
     sync: SyncMode,
     speed: u64,
 ) -> BackupParams {
-    BackupParams {
-        job_id: "job0".into(),
-        source,
-        target,
-        target_owned: false,
-        sync,
-        bitmap: None,
-        bitmap_mode_without_bitmap: false,
-        compress: false,
-        on_source_error: OnError::Report,
-        on_target_error: OnError::Report,
-        filter_node_name: None,
-        discard_source: false,
-        perf: Perf::default(),
-        on_cbw_error: OnCbwError::BreakGuestWrite,
-        cbw_timeout: 0,
-        job: JobOptions {
-            speed,
-            ..Default::default()
-        },
-    }
+    let mut p = BackupParams::new("job0", source, target, sync);
+    p.job.speed = speed;
+    p
 }
 
 fn read_all(n: &BlockNode) -> Vec<u8> {

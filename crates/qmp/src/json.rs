@@ -426,6 +426,11 @@ pub fn parse(text: &[u8]) -> Message {
     let mut out = Vec::new();
     s.feed(text, &mut out);
     s.feed(b"\n", &mut out);
+    if out.is_empty() && !s.tokens.is_empty() {
+        // End of input inside a value: parse what there is, as QEMU's flush does,
+        // so that the first real problem is reported.
+        out.push(parse_tokens(&s.tokens, &s.text));
+    }
     out.into_iter()
         .next()
         .unwrap_or_else(|| Err("JSON parse error, premature EOI".into()))

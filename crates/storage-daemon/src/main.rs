@@ -89,9 +89,9 @@ fn main() -> ExitCode {
     let state = BlockState::new();
     for b in &args.blockdev {
         let parsed = if b.trim_start().starts_with('{') {
-            serde_json::from_str(b)
-                .map_err(|e| format!("--blockdev {b}: JSON parse error: {e}"))
-                .and_then(|v| BlockdevOptions::from_json(&v).map_err(|e| e.desc))
+            // QEMU's JSON dialect and error texts, as on the monitor.
+            strata_qmp::json::parse(b.as_bytes())
+                .and_then(|v| BlockdevOptions::from_json(&v.to_serde()).map_err(|e| e.desc))
         } else {
             BlockdevOptions::from_keyval(b).map_err(|e| e.desc)
         };
@@ -166,6 +166,20 @@ fn main() -> ExitCode {
         }
     });
     if let Some(mut p) = ready_pipe {
+        // Like QEMU once it is set up: the standard streams go to /dev/null so
+        // that whoever started the daemon is not kept waiting on them.
+        if let Ok(null) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+        {
+            use std::os::fd::AsRawFd;
+            for fd in 0..3 {
+                // SAFETY: dup2 onto the standard descriptors; `null` stays open
+                // until after the calls.
+                unsafe { libc::dup2(null.as_raw_fd(), fd) };
+            }
+        }
         let _ = p.write_all(&[0]);
     }
     server.run_until_quit();

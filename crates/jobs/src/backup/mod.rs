@@ -153,6 +153,37 @@ pub struct BackupParams {
     pub job: JobOptions,
 }
 
+impl BackupParams {
+    /// A backup of `source` to an existing `target` with QEMU's defaults for every
+    /// optional member (no bitmap, errors reported, no speed limit, auto-finalize and
+    /// auto-dismiss); set fields to change them.
+    pub fn new(
+        job_id: impl Into<String>,
+        source: Arc<BlockNode>,
+        target: Arc<BlockNode>,
+        sync: SyncMode,
+    ) -> Self {
+        BackupParams {
+            job_id: job_id.into(),
+            source,
+            target,
+            target_owned: false,
+            sync,
+            bitmap: None,
+            bitmap_mode_without_bitmap: false,
+            compress: false,
+            on_source_error: OnError::Report,
+            on_target_error: OnError::Report,
+            filter_node_name: None,
+            discard_source: false,
+            perf: Perf::default(),
+            on_cbw_error: OnCbwError::BreakGuestWrite,
+            cbw_timeout: 0,
+            job: JobOptions::default(),
+        }
+    }
+}
+
 /// Checks a backup request with QEMU's messages (`do_backup_common` and
 /// `backup_job_create`); returns the job cluster size.
 pub fn validate(p: &BackupParams) -> Result<u64, String> {
@@ -212,10 +243,12 @@ pub fn validate(p: &BackupParams) -> Result<u64, String> {
         return Err("Source and target image have different sizes".into());
     }
     if p.compress && p.target.io().format_name() != "qcow2" {
-        return Err(format!(
-            "Compression is not supported for this drive {}",
-            p.target.name()
-        ));
+        // QEMU names the target's device (BlockBackend); a node has none, so
+        // the name is empty.
+        return Err("Compression is not supported for this drive ".into());
+    }
+    if let Some(reason) = p.target.blocker() {
+        return Err(format!("Node '{}' is busy: {reason}", p.target.name()));
     }
     if p.perf.max_workers < 1 || p.perf.max_workers > i32::MAX as i64 {
         return Err("max-workers must be between 1 and 2147483647".into());
@@ -225,7 +258,10 @@ pub fn validate(p: &BackupParams) -> Result<u64, String> {
     }
     let mcs = p.perf.min_cluster_size;
     if mcs != 0 && !mcs.is_power_of_two() {
-        return Err("min-cluster-size needs to be a power of 2".into());
+        return Err(
+            "Could not create node: Cannot create block-copy-state: min-cluster-size needs to be a power of 2"
+                .into(),
+        );
     }
     let cluster = DEFAULT_CLUSTER
         .max(p.target.io().cluster_size().unwrap_or(0))
@@ -254,6 +290,8 @@ pub struct BackupJob {
     filter: Arc<BlockNode>,
     successor: Mutex<Option<Arc<DirtyBitmap>>>,
     succeeded: Mutex<bool>,
+    /// Whether `run` was entered (a transaction may abort the job before).
+    started: std::sync::atomic::AtomicBool,
 }
 
 /// Validates, inserts the copy-before-write filter and creates the job (status
@@ -277,10 +315,15 @@ pub fn create_backup(
     let filter_name = match &params.filter_node_name {
         Some(n) => {
             if !strata_block::graph::valid_node_name(n) {
-                return Err(format!("Invalid node-name: '{n}'"));
+                return Err(format!("Could not create node: Invalid node-name: '{n}'"));
             }
             if graph.node(n).is_some() {
-                return Err(format!("Duplicate nodes with node-name='{n}'"));
+                return Err(format!(
+                    "Could not create node: Duplicate nodes with node-name='{n}'"
+                ));
+            }
+            if n.len() > strata_block::graph::MAX_NODE_NAME {
+                return Err("Could not create node: Node name too long".into());
             }
             n.clone()
         }
@@ -309,12 +352,17 @@ pub fn create_backup(
         filter: filter.clone(),
         successor: Mutex::new(None),
         succeeded: Mutex::new(false),
+        started: std::sync::atomic::AtomicBool::new(false),
         params,
     });
     let job = jobs
         .create(&job_id, driver.clone(), job_opts)
         .map_err(|e| e.0)?;
     graph.insert_node(filter).map_err(|e| e.desc)?;
+    driver
+        .params
+        .target
+        .set_blocker(Some("block device is in use by block job: backup".into()));
     // From here on every write to the source passes the hook; the drain inside
     // add_hook makes the start a point in time.
     driver.params.source.add_hook(driver.hook_dyn.clone());
@@ -356,14 +404,21 @@ impl BackupJob {
     }
 
     /// Finishes one background task (started after `epoch` resumes); returns a fatal
-    /// error message.
+    /// error message. Once the job has failed (`failed`), further errors of tasks
+    /// still in flight are not reported again: QEMU emits one BLOCK_JOB_ERROR for
+    /// the failure.
     fn finish_task(
         &self,
         ctx: &JobContext,
         (first, n, epoch): (u64, u64, u64),
         r: Result<(), CopyError>,
+        failed: bool,
     ) -> Option<String> {
         match r {
+            Err(_) if failed => {
+                self.bcs.release(first, n, false);
+                None
+            }
             Ok(()) => {
                 self.bcs.release(first, n, true);
                 let c = self.bcs.cluster();
@@ -415,7 +470,7 @@ impl BackupJob {
             let result = loop {
                 while let Ok((range, r)) = res_rx.try_recv() {
                     inflight -= 1;
-                    if let Some(e) = self.finish_task(ctx, range, r) {
+                    if let Some(e) = self.finish_task(ctx, range, r, fatal.is_some()) {
                         fatal.get_or_insert(e);
                     }
                 }
@@ -456,7 +511,7 @@ impl BackupJob {
                 match res_rx.recv() {
                     Ok((range, r)) => {
                         inflight -= 1;
-                        if let Some(e) = self.finish_task(ctx, range, r) {
+                        if let Some(e) = self.finish_task(ctx, range, r, fatal.is_some()) {
                             fatal.get_or_insert(e);
                         }
                     }
@@ -493,7 +548,13 @@ impl BackupJob {
             .take();
         let sync = (success || mode == BitmapMode::Always) && mode != BitmapMode::Never;
         let r = if sync { b.abdicate() } else { b.reclaim() };
-        if sync && !success {
+        let started = self.started.load(std::sync::atomic::Ordering::SeqCst);
+        if sync && !success && !started {
+            // QEMU's copy bitmap starts all dirty and is narrowed to the sync
+            // bitmap only when the job runs, so a job that never ran leaves the
+            // whole disk dirty.
+            b.set_range(0, self.bcs.source().size());
+        } else if sync && !success {
             // Bits the job did not copy stay dirty.
             let c = self.bcs.cluster();
             let size = self.bcs.source().size();
@@ -521,6 +582,8 @@ impl JobDriver for BackupJob {
     }
 
     fn run(&self, ctx: &JobContext) -> Result<(), String> {
+        self.started
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let progress_job = ctx.progress_handle();
         self.bcs
             .set_progress(Arc::new(move |n| progress_job.add_done(n)));
@@ -563,6 +626,7 @@ impl JobDriver for BackupJob {
     }
 
     fn clean(&self) {
+        self.params.target.set_blocker(None);
         self.params.source.remove_hook(&self.hook_dyn);
         if let Err(e) = self.graph.remove_node(&self.filter) {
             tracing::warn!("removing the copy-before-write filter: {e}");

@@ -87,6 +87,21 @@ fn node(state: &BlockState, name: &str) -> Result<Arc<BlockNode>, QmpError> {
     })
 }
 
+/// The C library's wording of an I/O error ("No such file or directory"), as
+/// QEMU prints it after the file name.
+fn os_text(e: &strata_image::Error) -> String {
+    match e {
+        strata_image::Error::Io { source, .. } => {
+            let s = source.to_string();
+            match s.find(" (os error") {
+                Some(i) => s[..i].to_string(),
+                None => s,
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
 fn on_error(args: &Map<String, Value>, key: &str) -> OnError {
     opt_str(args, key)
         .and_then(OnError::parse)
@@ -107,7 +122,9 @@ fn drive_target(
         Some(f) => f.to_string(),
         None if existing => {
             let st = strata_image::FileStorage::open(Path::new(&target), true, Default::default())
-                .map_err(|e| QmpError::generic(e.to_string()))?;
+                .map_err(|e| {
+                    QmpError::generic(format!("Could not open '{target}': {}", os_text(&e)))
+                })?;
             strata_image::probe_format(&st)
                 .map_err(|e| QmpError::generic(e.to_string()))?
                 .name()
@@ -121,7 +138,8 @@ fn drive_target(
     }
     let mut backing = BackingRef::None;
     if !existing {
-        let fmt = Format::parse(&format).map_err(|e| QmpError::generic(e.to_string()))?;
+        let fmt = Format::parse(&format)
+            .map_err(|_| QmpError::generic(format!("Unknown file format '{format}'")))?;
         let mut opts = CreateOptions {
             size: Some(source.size()),
             unsafe_backing: true,
@@ -144,8 +162,9 @@ fn drive_target(
             opts.backing_file = None;
             opts.backing_fmt = None;
         }
-        create_image(Path::new(&target), fmt, &opts)
-            .map_err(|e| QmpError::generic(format!("Could not create '{target}': {e}")))?;
+        create_image(Path::new(&target), fmt, &opts).map_err(|e| {
+            QmpError::generic(format!("Could not create '{target}': {}", os_text(&e)))
+        })?;
     }
     if format == "qcow2" {
         backing = match *sync {
@@ -180,7 +199,7 @@ fn drive_target(
             l2_cache_size: None,
             refcount_cache_size: None,
         },
-        other => return Err(QmpError::generic(format!("Unknown driver '{other}'"))),
+        other => return Err(QmpError::generic(format!("Unknown file format '{other}'"))),
     };
     let opts = BlockdevOptions {
         driver: format,
@@ -246,10 +265,6 @@ pub(super) fn prepare(
             let _ = state.graph.remove_node(&target);
         }
     };
-    if speed < 0 {
-        drop_target(state);
-        return Err(QmpError::generic("Invalid parameter 'speed'"));
-    }
     let params = BackupParams {
         job_id,
         source,
@@ -274,13 +289,19 @@ pub(super) fn prepare(
         job: JobOptions {
             auto_finalize: opt_bool(args, "auto-finalize").unwrap_or(true),
             auto_dismiss: opt_bool(args, "auto-dismiss").unwrap_or(true),
-            speed: speed as u64,
+            speed: speed.max(0) as u64,
         },
     };
     match create_backup(&state.graph, &state.jobs, params) {
+        Ok(job) if speed < 0 => {
+            // QEMU checks the speed once the job exists (after its id).
+            job.discard();
+            drop_target(state);
+            Err(QmpError::generic("Invalid parameter 'speed'"))
+        }
         Ok(job) => {
             let j = job.clone();
-            Ok((job, Box::new(move || j.discard())))
+            Ok((job, Box::new(move || j.cancel_unstarted())))
         }
         Err(e) => {
             drop_target(state);

@@ -70,7 +70,7 @@ pub(super) fn act(
         }
         "remove" => {
             let name = str_arg(args, "name").to_string();
-            let n = g.lookup(Some(&node), &node).map_err(qmp_err)?;
+            let n = g.find_node(&node).map_err(qmp_err)?;
             let b = n.bitmap(&name);
             g.bitmap_remove(&node, &name).map_err(qmp_err)?;
             Ok(Box::new(move || {
@@ -86,7 +86,7 @@ pub(super) fn act(
                 str_arg(args, "target")
             }
             .to_string();
-            let n = g.lookup(Some(&node), &node).map_err(qmp_err)?;
+            let n = g.find_node(&node).map_err(qmp_err)?;
             let old = n.bitmap(&name).map(|b| (b.clone(), b.to_bytes()));
             if action == "clear" {
                 g.bitmap_clear(&node, &name).map_err(qmp_err)?;
@@ -120,7 +120,7 @@ pub(super) fn act(
         "enable" | "disable" => {
             let name = str_arg(args, "name").to_string();
             let on = action == "enable";
-            let n = g.lookup(Some(&node), &node).map_err(qmp_err)?;
+            let n = g.find_node(&node).map_err(qmp_err)?;
             let was = n.bitmap(&name).map(|b| b.enabled());
             g.bitmap_set_enabled(&node, &name, on).map_err(qmp_err)?;
             Ok(Box::new(move || {

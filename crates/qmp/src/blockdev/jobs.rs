@@ -32,7 +32,94 @@ fn generic(e: strata_jobs::JobError) -> QmpError {
     QmpError::generic(e.0)
 }
 
+/// Declares the job events (QEMU 10's members) so that `query-qmp-schema` lists them.
+fn register_events(reg: &mut Registry) -> Result<(), RegistryError> {
+    let job_type = || {
+        Type::enumeration(
+            "JobType",
+            &[
+                "commit",
+                "stream",
+                "mirror",
+                "backup",
+                "create",
+                "amend",
+                "snapshot-load",
+                "snapshot-save",
+                "snapshot-delete",
+            ],
+        )
+    };
+    let status = Type::enumeration(
+        "JobStatus",
+        &[
+            "undefined",
+            "created",
+            "running",
+            "paused",
+            "ready",
+            "standby",
+            "waiting",
+            "pending",
+            "aborting",
+            "concluded",
+            "null",
+        ],
+    );
+    reg.register_event(
+        "JOB_STATUS_CHANGE",
+        ObjectType::new("q_obj_JOB_STATUS_CHANGE-arg")
+            .member("id", Type::Str)
+            .member("status", status),
+    )?;
+    for (name, with_error) in [
+        ("BLOCK_JOB_COMPLETED", true),
+        ("BLOCK_JOB_CANCELLED", false),
+    ] {
+        let mut o = ObjectType::new(format!("q_obj_{name}-arg"))
+            .member("type", job_type())
+            .member("device", Type::Str)
+            .member("len", Type::Int)
+            .member("offset", Type::Int)
+            .member("speed", Type::Int);
+        if with_error {
+            o = o.optional("error", Type::Str);
+        }
+        reg.register_event(name, o)?;
+    }
+    reg.register_event(
+        "BLOCK_JOB_ERROR",
+        ObjectType::new("q_obj_BLOCK_JOB_ERROR-arg")
+            .member("device", Type::Str)
+            .member(
+                "operation",
+                Type::enumeration("IoOperationType", &["read", "write"]),
+            )
+            .member(
+                "action",
+                Type::enumeration("BlockErrorAction", &["ignore", "report", "stop"]),
+            ),
+    )?;
+    reg.register_event(
+        "BLOCK_JOB_PENDING",
+        ObjectType::new("q_obj_BLOCK_JOB_PENDING-arg")
+            .member("type", job_type())
+            .member("id", Type::Str),
+    )?;
+    reg.register_event(
+        "BLOCK_JOB_READY",
+        ObjectType::new("q_obj_BLOCK_JOB_READY-arg")
+            .member("type", job_type())
+            .member("device", Type::Str)
+            .member("len", Type::Int)
+            .member("offset", Type::Int)
+            .member("speed", Type::Int),
+    )?;
+    Ok(())
+}
+
 pub(super) fn register(reg: &mut Registry, state: &Arc<BlockState>) -> Result<(), RegistryError> {
+    register_events(reg)?;
     let s = state.clone();
     reg.register(
         Command::new("query-block-jobs", move |_, _| {

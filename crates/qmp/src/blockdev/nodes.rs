@@ -90,8 +90,9 @@ fn lookup(
     device: Option<&str>,
     node: Option<&str>,
 ) -> Result<Arc<strata_block::BlockNode>, QmpError> {
-    let name = node.or(device).unwrap_or("");
-    state.graph.node(name).ok_or_else(|| {
+    // `device` names a device (BlockBackend); the daemon has no named devices, so,
+    // as in qemu-storage-daemon, only `node-name` can match.
+    state.graph.node(node.unwrap_or("")).ok_or_else(|| {
         QmpError::generic(format!(
             "Cannot find device='{}' nor node-name='{}'",
             device.unwrap_or(""),
@@ -140,6 +141,9 @@ pub(super) fn register(reg: &mut Registry, state: &Arc<BlockState>) -> Result<()
                 return Err(QmpError::generic("Parameter 'size' expects a >0 size"));
             }
             let n = lookup(&s, opt_str(args, "device"), opt_str(args, "node-name"))?;
+            if size % 512 != 0 {
+                return Err(QmpError::generic("The new size must be a multiple of 512"));
+            }
             s.graph
                 .block_resize(None, n.name(), size)
                 .map_err(qmp_err)?;
@@ -163,7 +167,16 @@ pub(super) fn register(reg: &mut Registry, state: &Arc<BlockState>) -> Result<()
             let Some(n) = s.graph.node(&node) else {
                 return Err(QmpError::generic(format!("Device '{node}' not found")));
             };
-            Ok(json!(qemu_io::run(&n, &cmd).replace('\n', "\r\n")))
+            // QEMU's qemu-io prints to the process's stdout, not to the monitor, so
+            // the command returns an empty string; do the same.
+            let out = qemu_io::run(&n, &cmd);
+            {
+                use std::io::Write;
+                let mut o = std::io::stdout().lock();
+                let _ = o.write_all(out.as_bytes());
+                let _ = o.flush();
+            }
+            Ok(json!(""))
         })
         .args(
             ObjectType::new("q_obj_human-monitor-command-arg")

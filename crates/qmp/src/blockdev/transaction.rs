@@ -74,7 +74,6 @@ fn run(state: &Arc<BlockState>, args: &Map<String, Value>) -> Result<Value, QmpE
         })?;
         let data = match obj.get("data") {
             Some(Value::Object(d)) => d.clone(),
-            None if kind == "abort" => Map::new(),
             Some(_) => {
                 return Err(QmpError::generic(format!(
                     "Invalid parameter type for 'actions[{i}].data', expected: object"
