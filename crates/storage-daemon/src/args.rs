@@ -1,5 +1,6 @@
 //! The command line of `strata-storage-daemon`, spelled as `qemu-storage-daemon`'s:
-//! `--blockdev` (key=value or JSON), `--chardev socket,...`, `--monitor chardev=...`,
+//! `--blockdev` (key=value or JSON), `--export` (key=value or JSON),
+//! `--chardev socket,...`, `--monitor chardev=...`,
 //! `--pidfile`, `--daemonize`.
 
 use std::path::PathBuf;
@@ -23,6 +24,10 @@ pub struct Args {
     /// Adds a character device: `socket,id=ID,path=PATH|host=HOST,port=PORT,server=on,wait=off`.
     #[arg(long = "chardev", value_name = "OPTIONS")]
     pub chardev: Vec<String>,
+    /// Adds a block export: `type=vhost-user-blk,id=ID,node-name=NODE,addr.type=unix,
+    /// addr.path=PATH[,writable=on|off][,num-queues=N][,logical-block-size=N]`.
+    #[arg(long = "export", value_name = "OPTIONS")]
+    pub export: Vec<String>,
     /// Adds a QMP monitor on a chardev: `chardev=ID[,mode=control][,pretty=on|off]`.
     #[arg(long = "monitor", value_name = "OPTIONS")]
     pub monitor: Vec<String>,

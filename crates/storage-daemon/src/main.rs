@@ -6,6 +6,7 @@
 //! cleanly: jobs are cancelled, nodes flushed and persistent bitmaps stored.
 
 mod args;
+mod exports;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use strata_block::BlockdevOptions;
+use strata_qmp::blockdev::exports::{self as qmp_exports, ExportOptions, ExportState};
 use strata_qmp::blockdev::{self, BlockState};
 use strata_qmp::{QmpServer, Registry};
 
@@ -99,8 +101,29 @@ fn main() -> ExitCode {
             return fail(format!("--blockdev {b}: {e}"));
         }
     }
+    let export_state = ExportState::new(Arc::new(exports::DaemonExports));
+    for x in &args.export {
+        let parsed = if x.trim_start().starts_with('{') {
+            serde_json::from_str::<serde_json::Value>(x)
+                .map_err(|e| format!("JSON parse error: {e}"))
+        } else {
+            strata_block::options::keyval_to_json(x).map_err(|e| e.desc)
+        };
+        let r = parsed.and_then(|v| {
+            let m = v.as_object().cloned().unwrap_or_default();
+            let o = ExportOptions::from_json(&m).map_err(|e| e.desc)?;
+            export_state.add(&state, o).map_err(|e| e.desc)
+        });
+        if let Err(e) = r {
+            export_state.stop_all();
+            state.shutdown();
+            return fail(format!("--export {x}: {e}"));
+        }
+    }
     let mut reg = Registry::default();
-    if let Err(e) = blockdev::register(&mut reg, &state) {
+    if let Err(e) = blockdev::register(&mut reg, &state)
+        .and_then(|_| qmp_exports::register(&mut reg, &state, &export_state))
+    {
         return fail(format!("command registry: {e}"));
     }
     let server = Arc::new(QmpServer::new(reg));
@@ -160,6 +183,7 @@ fn main() -> ExitCode {
         let _ = p.write_all(&[0]);
     }
     server.run_until_quit();
+    export_state.stop_all();
     let errors = state.shutdown();
     if let Some(p) = &args.pidfile {
         let _ = std::fs::remove_file(p);

@@ -18,6 +18,8 @@
 //! - [`qmp_json`]: the QMP monitor's JSON stream parser, split three ways, with a
 //!   print/parse round trip.
 //! - [`blockdev_options`]: `--blockdev` / `blockdev-add` options, key=value and JSON.
+//! - [`virtio_blk`]: a virtio-blk queue in guest memory made of the input, processed
+//!   by the device on an in-memory disk.
 
 mod blockdev;
 mod header;
@@ -25,12 +27,14 @@ mod model;
 mod open;
 mod pattern;
 mod qmp_json;
+mod virtio_blk;
 
 pub use blockdev::blockdev_options;
 pub use header::qcow2_header;
 pub use model::{qcow2_model, raw_model};
 pub use open::qcow2_open;
 pub use qmp_json::qmp_json;
+pub use virtio_blk::virtio_blk;
 
 /// The most an in-memory image under test may grow to. Drivers that try to write past it
 /// get an error from the storage, never more memory.
@@ -47,4 +51,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("qcow2_header", qcow2_header),
     ("qmp_json", qmp_json),
     ("blockdev_options", blockdev_options),
+    ("virtio_blk", virtio_blk),
 ];

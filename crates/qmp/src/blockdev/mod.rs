@@ -5,6 +5,7 @@
 
 mod backup;
 mod bitmaps;
+pub mod exports;
 mod jobs;
 mod nodes;
 mod transaction;

@@ -1,0 +1,86 @@
+#!/bin/sh
+# Builds Strata's test guest from Debian packages: the cloud kernel and a gzip'd
+# newc initramfs with busybox-static, util-linux's blkdiscard (for -z), the virtio
+# modules and tests/guest/init.sh as /init.
+#
+# The result is cached in $STRATA_GUEST_CACHE (default: $XDG_CACHE_HOME/strata/guest,
+# or ~/.cache/strata/guest) under a key made from the package versions and the init
+# script, so later runs return at once. Prints two lines, KERNEL=... and INITRD=...
+#
+# Needs: apt-get (package lists present), dpkg-deb, gzip, and busybox (host or
+# extracted). Exits 2 with a reason on stderr when something is missing.
+set -eu
+
+here=$(cd "$(dirname "$0")" && pwd)
+cache=${STRATA_GUEST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/strata/guest}
+mkdir -p "$cache/debs"
+
+skip() { echo "guest build: $*" >&2; exit 2; }
+command -v apt-get >/dev/null || skip "apt-get not found"
+command -v dpkg-deb >/dev/null || skip "dpkg-deb not found"
+
+kpkg=${STRATA_GUEST_KERNEL:-$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+    sed -n 's/.*Depends: \(linux-image-[0-9].*\)/\1/p' | head -n 1)}
+[ -n "$kpkg" ] || skip "cannot resolve linux-image-cloud-amd64 (run apt-get update)"
+
+fetch() { # package -> path of the .deb in the cache
+    f=$(ls "$cache/debs/$1"_*.deb 2>/dev/null | head -n 1 || true)
+    if [ -z "$f" ]; then
+        (cd "$cache/debs" && apt-get download "$1" >/dev/null 2>&1) ||
+            skip "apt-get download $1 failed"
+        f=$(ls "$cache/debs/$1"_*.deb | head -n 1)
+    fi
+    echo "$f"
+}
+
+kdeb=$(fetch "$kpkg")
+bdeb=$(fetch busybox-static)
+key=$( (basename "$kdeb"; basename "$bdeb"; cat "$here/init.sh" "$0";
+    ls -l /usr/sbin/blkdiscard 2>/dev/null || true) | sha256sum | cut -c1-16)
+out="$cache/$key"
+if [ -f "$out/initramfs.cpio.gz" ] && [ -f "$out/vmlinuz" ]; then
+    echo "KERNEL=$out/vmlinuz"
+    echo "INITRD=$out/initramfs.cpio.gz"
+    exit 0
+fi
+
+work=$(mktemp -d "$cache/build.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+dpkg-deb -x "$kdeb" "$work/k"
+dpkg-deb -x "$bdeb" "$work/b"
+root="$work/root"
+mkdir -p "$root/bin" "$root/sbin" "$root/lib/modules" "$root/lib64" \
+    "$root/lib/x86_64-linux-gnu" "$root/dev" "$root/proc" "$root/sys" "$root/tmp"
+cp "$work/b/bin/busybox" "$root/bin/busybox"
+for a in $("$root/bin/busybox" --list); do
+    [ -e "$root/bin/$a" ] || ln -s busybox "$root/bin/$a"
+done
+# util-linux's blkdiscard (busybox's has no -z) with the libraries it needs.
+if [ -x /usr/sbin/blkdiscard ]; then
+    cp /usr/sbin/blkdiscard "$root/bin/blkdiscard-ul"
+    for lib in $(ldd /usr/sbin/blkdiscard | sed -n 's/.*=> \(\/[^ ]*\).*/\1/p'); do
+        cp -L "$lib" "$root/lib/x86_64-linux-gnu/"
+    done
+    cp -L /lib64/ld-linux-x86-64.so.2 "$root/lib64/"
+fi
+kver=$(ls "$work/k/lib/modules" | head -n 1)
+mods="$work/k/lib/modules/$kver/kernel/drivers"
+for m in virtio/virtio_ring virtio/virtio virtio/virtio_pci_legacy_dev \
+    virtio/virtio_pci_modern_dev virtio/virtio_pci block/virtio_blk; do
+    src=$(ls "$mods/$m".ko* 2>/dev/null | head -n 1 || true)
+    [ -n "$src" ] || continue
+    case "$src" in
+    *.xz) xz -dc "$src" > "$root/lib/modules/$(basename "$m").ko" ;;
+    *) cp "$src" "$root/lib/modules/$(basename "$m").ko" ;;
+    esac
+done
+cp "$here/init.sh" "$root/init"
+chmod 755 "$root/init"
+mkdir -p "$work/out"
+cp "$work/k/boot/vmlinuz-$kver" "$work/out/vmlinuz"
+(cd "$root" && find . | "$root/bin/busybox" cpio -o -H newc 2>/dev/null) |
+    gzip -9 > "$work/out/initramfs.cpio.gz"
+rm -rf "$out"
+mv "$work/out" "$out"
+echo "KERNEL=$out/vmlinuz"
+echo "INITRD=$out/initramfs.cpio.gz"
