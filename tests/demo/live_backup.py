@@ -26,6 +26,15 @@ import sys
 import time
 
 STAMP = 64 * 1024
+_t0 = [time.monotonic()]
+
+
+def step(what):
+    """Prints a step with the time the previous one took."""
+    now = time.monotonic()
+    print(f"   ({now - _t0[0]:.1f} s)")
+    _t0[0] = now
+    print(f"== {what}", flush=True)
 
 
 class Qmp:
@@ -41,15 +50,16 @@ class Qmp:
                 time.sleep(0.05)
         else:
             raise RuntimeError("the daemon's QMP socket never appeared")
-        self.file = self.sock.makefile("rw", encoding="ascii", newline="\r\n")
+        # Reads through a file object, writes straight to the socket: writing through
+        # a read-write text file would drop lines it has already read ahead.
+        self.file = self.sock.makefile("r", encoding="ascii", newline="\r\n")
         self.events = []
         greeting = json.loads(self.file.readline())
         assert "QMP" in greeting, greeting
         self.cmd("qmp_capabilities")
 
     def cmd(self, name, **args):
-        self.file.write(json.dumps({"execute": name, "arguments": args}) + "\n")
-        self.file.flush()
+        self.sock.sendall((json.dumps({"execute": name, "arguments": args}) + "\n").encode())
         while True:
             msg = json.loads(self.file.readline())
             if "event" in msg:
@@ -68,6 +78,7 @@ def main():
     ap.add_argument("--size", type=int, default=128, help="disk size in MiB")
     a = ap.parse_args()
     size = a.size << 20
+    os.makedirs(a.work, exist_ok=True)
     disk = os.path.join(a.work, "disk.qcow2")
     backup = os.path.join(a.work, "backup.qcow2")
     sock = os.path.join(a.work, "qmp.sock")
@@ -76,9 +87,10 @@ def main():
             os.unlink(p)
 
     print(f"== strata-img create -f qcow2 {disk} {a.size}M")
+    _t0[0] = time.monotonic()
     subprocess.run([a.strata_img, "create", "-q", "-f", "qcow2", disk, f"{a.size}M"], check=True)
 
-    print("== strata-storage-daemon with the disk as node 'disk0' and a QMP socket")
+    step("strata-storage-daemon with the disk as node 'disk0' and a QMP socket")
     daemon = subprocess.Popen([
         a.daemon,
         "--blockdev", f"driver=file,node-name=file0,filename={disk}",
@@ -103,14 +115,14 @@ def main():
             qmp.cmd("human-monitor-command",
                     **{"command-line": f'qemu-io disk0 "write -P {byte} {off} {STAMP}"'})
 
-        print("== workload: 300 stamped writes before the backup starts")
+        step("workload: 300 stamped writes before the backup starts")
         for _ in range(300):
             write_one()
         at_start = bytes(model)
         first_after = seq + 1
 
         speed = 32 << 20
-        print(f"== drive-backup sync=full to {backup} at {speed >> 20} MiB/s, workload continues")
+        step(f"drive-backup sync=full to {backup} at {speed >> 20} MiB/s, workload continues")
         qmp.cmd("drive-backup", **{"job-id": "backup0", "device": "disk0", "target": backup,
                                    "sync": "full", "format": "qcow2", "speed": speed})
         during = 0
@@ -126,7 +138,7 @@ def main():
         statuses = [e["data"]["status"] for e in qmp.events if e["event"] == "JOB_STATUS_CHANGE"]
         print(f"   events: {', '.join(statuses)}; {names.count('BLOCK_JOB_COMPLETED')} BLOCK_JOB_COMPLETED")
         assert during > 0, "no write overlapped the backup; nothing was proven"
-        print("== quit")
+        step("quit")
         qmp.cmd("quit")
         daemon.wait(timeout=30)
     finally:
@@ -149,7 +161,7 @@ def main():
     def first_diff(a, b):
         return next((i for i in range(0, len(a), 4096) if a[i:i + 4096] != b[i:i + 4096]), None)
 
-    print("== verify with QEMU's tools")
+    step("verify with QEMU's tools")
     check(disk)
     check(backup)
     got = raw(backup)
@@ -160,6 +172,7 @@ def main():
     d = first_diff(raw(disk), bytes(model))
     assert d is None, f"disk lost a write near offset {d}"
     print(f"   disk == every one of the {seq} writes")
+    step("done")
     print("\nOK: live point-in-time backup verified")
 
 

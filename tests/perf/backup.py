@@ -32,14 +32,15 @@ class Qmp:
                 time.sleep(0.05)
         else:
             raise RuntimeError("no QMP socket")
-        self.f = self.sock.makefile("rw", encoding="ascii", newline="\r\n")
+        # Reads through a file object, writes straight to the socket: writing through
+        # a read-write text file would drop lines it has already read ahead.
+        self.f = self.sock.makefile("r", encoding="ascii", newline="\r\n")
         self.events = []
         json.loads(self.f.readline())
         self.cmd("qmp_capabilities")
 
     def cmd(self, name, **args):
-        self.f.write(json.dumps({"execute": name, "arguments": args}) + "\n")
-        self.f.flush()
+        self.sock.sendall((json.dumps({"execute": name, "arguments": args}) + "\n").encode())
         while True:
             m = json.loads(self.f.readline())
             if "event" in m:

@@ -550,3 +550,68 @@ fn compressed_backup_and_discard_source() {
     assert!(read_all(&src).iter().all(|&b| b == 0));
     assert!(g.close_all().is_empty());
 }
+
+#[test]
+fn cancel_at_every_stage_leaves_source_and_graph_clean() {
+    for stage in ["created", "running", "paused", "pending"] {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Arc::new(BlockGraph::new());
+        let src = node(&g, "src", &image(dir.path(), "src.qcow2"));
+        src.write(&vec![4u8; SIZE as usize], 0).unwrap();
+        let before = read_all(&src);
+        let tgt = node(&g, "tgt", &image(dir.path(), "tgt.qcow2"));
+        let events = Arc::new(Events::default());
+        let jobs = JobManager::new(events.clone());
+        let mut p = params(src.clone(), tgt.clone(), SyncMode::Full, 1 << 20);
+        p.job.auto_finalize = stage != "pending";
+        if stage == "pending" {
+            p.job.speed = 0;
+        }
+        let job = create_backup(&g, &jobs, p).unwrap();
+        let filters = |g: &BlockGraph| {
+            g.nodes()
+                .iter()
+                .filter(|n| n.driver() == "copy-before-write")
+                .count()
+        };
+        assert_eq!(filters(&g), 1, "{stage}: filter node present");
+        match stage {
+            "created" => job.discard(),
+            "running" => {
+                jobs.start(&job, false).unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+                job.cancel().unwrap();
+            }
+            "paused" => {
+                jobs.start(&job, false).unwrap();
+                job.pause().unwrap();
+                while job.status() != JobStatus::Paused {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                job.cancel().unwrap();
+            }
+            _ => {
+                jobs.start(&job, false).unwrap();
+                while job.status() != JobStatus::Pending {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                job.cancel().unwrap();
+            }
+        }
+        if stage != "created" {
+            job.wait_concluded();
+            assert!(
+                event_names(&events).contains(&"BLOCK_JOB_CANCELLED".to_string()),
+                "{stage}: {:?}",
+                event_names(&events)
+            );
+        }
+        assert_eq!(job.status(), JobStatus::Null, "{stage}");
+        assert_eq!(filters(&g), 0, "{stage}: the filter is gone");
+        // Writes no longer pass a hook, and the source is what it was.
+        src.write(&[1u8; 512], 0).unwrap();
+        src.write(&[4u8; 512], 0).unwrap();
+        assert_eq!(read_all(&src), before, "{stage}");
+        assert!(g.close_all().is_empty());
+    }
+}
