@@ -12,7 +12,7 @@ use crate::storage::Storage;
 use crate::{Error, Result};
 
 use super::l2::{classify, ClusterType, L1E_RESERVED, OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
-use super::meta::{Meta, PendingFree};
+use super::meta::Meta;
 use super::refcount;
 use super::Qcow2;
 
@@ -80,7 +80,7 @@ impl Qcow2 {
         let mut fixed_corruptions = 0u64;
         let mut fixed_leaks = 0u64;
         // Entries pointing outside the image.
-        if mode == RepairMode::All && (!first.bad_l1_empty() || !first.bad_l2_empty()) {
+        if mode == RepairMode::All && (first.bad_l1 > 0 || first.bad_l2 > 0) {
             let walk = self.walk(&mut m, st)?;
             for &i in &walk.bad_l1 {
                 m.l1[i] = 0;
@@ -579,7 +579,7 @@ impl Qcow2 {
         m.rc_cache.clear();
         m.free_hint = 1;
         m.end_cluster = m.end_cluster.max(total);
-        m.pending_frees.retain(|_: &PendingFree| false);
+        m.pending_frees.clear();
         Ok(())
     }
 }
@@ -605,24 +605,9 @@ struct PassReport {
     bad_l2: usize,
 }
 
-impl PassReport {
-    fn bad_l1_empty(&self) -> bool {
-        self.bad_l1 == 0
-    }
-    fn bad_l2_empty(&self) -> bool {
-        self.bad_l2 == 0
-    }
-}
-
 impl std::ops::Deref for PassReport {
     type Target = CheckReport;
     fn deref(&self) -> &CheckReport {
         &self.report
-    }
-}
-
-impl From<PassReport> for CheckReport {
-    fn from(p: PassReport) -> CheckReport {
-        p.report
     }
 }

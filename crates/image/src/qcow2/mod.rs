@@ -224,11 +224,6 @@ impl Qcow2 {
         }
         self.check_range(offset, len)
     }
-
-    /// The cluster geometry of this image.
-    pub fn cluster_bits(&self) -> u32 {
-        self.geo.cluster_bits
-    }
 }
 
 impl BlockIo for Qcow2 {
