@@ -239,10 +239,18 @@ fn iterations() -> usize {
 }
 
 fn crash_test(name: &str, opts: CreateOptions) {
-    crash_test_format(name, Format::Qcow2, opts, iterations());
+    crash_test_format(name, Format::Qcow2, opts, iterations(), None);
 }
 
-fn crash_test_format(name: &str, format: Format, opts: CreateOptions, iters: usize) {
+/// Kills a writer of `format` `iters` times; `cache` is the writer's cache mode
+/// (its default, writeback, when `None`).
+fn crash_test_format(
+    name: &str,
+    format: Format,
+    opts: CreateOptions,
+    iters: usize,
+    cache: Option<&str>,
+) {
     require_qemu!();
     let seed = seed(name);
     let mut rng = StdRng::seed_from_u64(seed);
@@ -274,6 +282,7 @@ fn crash_test_format(name: &str, format: Format, opts: CreateOptions, iters: usi
                 &(seed ^ ((it as u64) << 20)).to_string(),
                 &first_seq.to_string(),
             ])
+            .args(cache)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&stderr_path).unwrap())
@@ -343,6 +352,20 @@ fn crash_raw_control() {
         Format::Raw,
         CreateOptions::default(),
         iterations() / 3,
+        None,
+    );
+}
+
+/// `cache=none`: allocating writes go to file space reserved ahead with `fallocate`;
+/// a kill leaves that tail behind, and it must neither corrupt nor leak.
+#[test]
+fn crash_cache_none() {
+    crash_test_format(
+        "crash_cache_none",
+        Format::Qcow2,
+        CreateOptions::default(),
+        iterations() / 2,
+        Some("none"),
     );
 }
 

@@ -1,6 +1,6 @@
 //! `crash-writer`: the child process of the crash-consistency test.
 //!
-//! Usage: `crash-writer <image> <log> <seed> <first-seq>`
+//! Usage: `crash-writer <image> <log> <seed> <first-seq> [cache-mode]`
 //!
 //! Opens `<image>` read-write through `strata_image::open_image` and, until it is killed,
 //! issues batches of sector-aligned writes and write-zeroes followed by a flush. Every
@@ -20,13 +20,14 @@ use std::path::PathBuf;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use strata_image::storage::CacheMode;
 use strata_image::{open_image, OpenOptions};
 use strata_tests::{crash_record, RECORD};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.len() != 5 {
-        eprintln!("usage: crash-writer <image> <log> <seed> <first-seq>");
+    if !(5..=6).contains(&args.len()) {
+        eprintln!("usage: crash-writer <image> <log> <seed> <first-seq> [cache-mode]");
         std::process::exit(2);
     }
     let image = PathBuf::from(&args[1]);
@@ -39,8 +40,18 @@ fn main() {
         .create(true)
         .open(&log_path)
         .unwrap_or_else(|e| fail(&format!("open log: {e}")));
-    let drv = open_image(&image, &OpenOptions::default())
-        .unwrap_or_else(|e| fail(&format!("open_image: {e}")));
+    let cache = match args.get(5) {
+        Some(c) => CacheMode::parse(c).unwrap_or_else(|e| fail(&format!("cache mode: {e}"))),
+        None => OpenOptions::default().cache,
+    };
+    let drv = open_image(
+        &image,
+        &OpenOptions {
+            cache,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| fail(&format!("open_image: {e}")));
     let sectors = drv.size() / RECORD;
     let cluster = drv.cluster_size().unwrap_or(65536);
     let mut rng = StdRng::seed_from_u64(seed);

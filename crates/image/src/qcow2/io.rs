@@ -292,7 +292,9 @@ impl Qcow2 {
         for c in gc..gc + k {
             m.inflight.insert(c);
         }
+        let frontier = m.end_cluster * cs;
         drop(m);
+        self.grow.ensure(st, frontier, cs);
         let r = self.st.write_at(&data[..len], host);
         let mut m = self.lock();
         let res = (|| {
@@ -410,7 +412,9 @@ impl Qcow2 {
         } else {
             m.alloc_clusters(st, 1)?
         };
+        let frontier = m.end_cluster * cs;
         drop(m);
+        self.grow.ensure(st, frontier, cs);
         // A cluster past everything ever written reads as zeroes already: when the
         // old contents are zeroes too, only the new data needs writing.
         let old_reads_zero = match ct {

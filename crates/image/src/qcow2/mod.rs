@@ -15,6 +15,7 @@ mod cache;
 mod check;
 pub mod compress;
 mod create;
+mod grow;
 pub mod header;
 mod io;
 pub mod l2;
@@ -82,6 +83,8 @@ pub struct Qcow2 {
     bm_tracking: AtomicBool,
     /// A block layer tracks the persistent bitmaps; this driver only marks them.
     bm_external: AtomicBool,
+    /// File space reserved ahead of cluster allocation (direct I/O only).
+    grow: grow::GrowAhead,
 }
 
 /// Opens a qcow2 image over `storage`; `backing` opens its backing file by the name
@@ -149,6 +152,7 @@ impl Qcow2 {
             _ => None,
         };
         let size = meta.header.size;
+        let grow = grow::GrowAhead::new(st.as_ref(), read_only);
         let q = Qcow2 {
             st,
             backing,
@@ -162,6 +166,7 @@ impl Qcow2 {
             bm_track: Mutex::new(None),
             bm_tracking: AtomicBool::new(false),
             bm_external: AtomicBool::new(false),
+            grow,
         };
         if !read_only {
             q.prepare_for_writing()?;
@@ -202,6 +207,12 @@ impl Qcow2 {
 
     fn lock(&self) -> MutexGuard<'_, Meta> {
         self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Gives back file space reserved past the last allocated cluster.
+    fn trim_reserved(&self) -> Result<()> {
+        let used_end = self.lock().end_cluster * self.geo.cs;
+        self.grow.trim(self.storage_ref(), used_end)
     }
 
     fn storage_ref(&self) -> &dyn Storage {
@@ -396,7 +407,8 @@ impl FormatDriver for Qcow2 {
 
     fn close(&self) -> Result<()> {
         self.flush()?;
-        self.store_tracked_bitmaps()
+        self.store_tracked_bitmaps()?;
+        self.trim_reserved()
     }
 }
 
@@ -408,6 +420,9 @@ impl Drop for Qcow2 {
             }
             if let Err(e) = self.store_tracked_bitmaps() {
                 tracing::warn!("storing persistent bitmaps on close failed: {e}");
+            }
+            if let Err(e) = self.trim_reserved() {
+                tracing::warn!("trimming space reserved past the image end failed: {e}");
             }
         }
     }
