@@ -2,7 +2,7 @@
 # Side-by-side performance of strata-img and qemu-img on the same images, in one run.
 #
 # Usage: tests/perf/compare.sh [workdir]      (default workdir: a new temporary folder)
-# Env:   RUNS=3 (repetitions per row; the median is reported), SIZE=1G
+# Env:   RUNS=5 (runs per tool and row, interleaved; the median is reported), SIZE=1G
 #
 # Prints a Markdown table: for each row the median wall time of qemu-img and of
 # strata-img and the ratio qemu/strata (above 1.0: Strata is faster). Every row runs
@@ -12,29 +12,26 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")/../.." && pwd)
 work=${1:-$(mktemp -d)}
-runs=${RUNS:-3}
+runs=${RUNS:-5}
 size=${SIZE:-1G}
 mkdir -p "$work"
 
 cargo build --release -q -p strata-img --manifest-path "$here/Cargo.toml"
-strata="$here/target/release/strata-img"
+strata="${CARGO_TARGET_DIR:-$here/target}/release/strata-img"
 qemu=$(command -v qemu-img)
 
 now() { date +%s.%N; }
-# median of the times printed by running "$@" $runs times (each run prints nothing)
-timeit() {
+# wall time of one run of "$@" (which prints nothing we keep), after running $prep
+once() {
     local prep=$1; shift
-    local ts=()
-    for _ in $(seq "$runs"); do
-        eval "$prep"
-        local t0 t1
-        t0=$(now)
-        "$@" >/dev/null
-        t1=$(now)
-        ts+=("$(awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}')")
-    done
-    printf '%s\n' "${ts[@]}" | sort -n | awk '{a[NR]=$1} END {printf "%.3f", a[int((NR+1)/2)]}'
+    eval "$prep"
+    local t0 t1
+    t0=$(now)
+    "$@" >/dev/null
+    t1=$(now)
+    awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}'
 }
+median() { sort -n | awk '{a[NR]=$1} END {printf "%.3f", a[int((NR+1)/2)]}'; }
 
 # A fully allocated image holding data (bench writes use the same pattern, so the
 # convert rows below copy real data rather than zeroes).
@@ -47,12 +44,24 @@ empty="$work/empty.qcow2"
 fresh_empty="\"$qemu\" create -q -f qcow2 \"$empty\" $size"
 
 row() { # name prep args...
+    # The two tools alternate run by run (and which goes first alternates too), so
+    # that drift in the machine's load or the host's caches hits both alike.
     local name=$1 prep=$2; shift 2
-    local tq ts
-    tq=$(timeit "$prep" "$qemu" "$@")
-    ts=$(timeit "$prep" "$strata" "$@")
-    printf '| %s | %s | %s | %s |\n' "$name" "$tq" "$ts" \
-        "$(awk -v q="$tq" -v s="$ts" 'BEGIN {printf "%.2f", q / s}')"
+    local tq=() ts=() i
+    for i in $(seq "$runs"); do
+        if [ $((i % 2)) -eq 1 ]; then
+            tq+=("$(once "$prep" "$qemu" "$@")")
+            ts+=("$(once "$prep" "$strata" "$@")")
+        else
+            ts+=("$(once "$prep" "$strata" "$@")")
+            tq+=("$(once "$prep" "$qemu" "$@")")
+        fi
+    done
+    local mq ms
+    mq=$(printf '%s\n' "${tq[@]}" | median)
+    ms=$(printf '%s\n' "${ts[@]}" | median)
+    printf '| %s | %s | %s | %s |\n' "$name" "$mq" "$ms" \
+        "$(awk -v q="$mq" -v s="$ms" 'BEGIN {printf "%.2f", q / s}')"
 }
 
 echo "| row | qemu-img (s) | strata-img (s) | ratio qemu/strata |"
