@@ -208,7 +208,13 @@ pub fn run(args: Args) -> CliResult<i32> {
                         return;
                     }
                     // Claim the next request, waiting at a drain point if needed.
-                    let i = {
+                    let i = if !drain {
+                        let i = sh.next.fetch_add(1, Ordering::Relaxed);
+                        if i >= count {
+                            return;
+                        }
+                        i
+                    } else {
                         let mut gate = sh.gate.lock().unwrap_or_else(|p| p.into_inner());
                         loop {
                             if sh.failed.load(Ordering::Relaxed) {
