@@ -8,5 +8,8 @@
 //!
 //! * [`layout`]: the guest physical memory map, I/O ports and interrupt lines every other
 //!   module (boot, ACPI tables, devices) agrees on.
+//! * [`acpi`]: the ACPI tables (RSDP, XSDT, FADT, MADT, DSDT) that describe the machine
+//!   to the guest.
 
+pub mod acpi;
 pub mod layout;
