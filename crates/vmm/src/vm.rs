@@ -501,12 +501,19 @@ fn setup_acpi(
     vcpus: u8,
     disks: usize,
 ) -> Result<Option<vm_memory::GuestAddress>, VmError> {
-    let cfg: Vec<(u8, u64, u64, u32)> = (0..disks)
-        .map(|i| (vcpus, virtio_mmio_addr(i), VIRTIO_MMIO_SIZE, virtio_mmio_gsi(i)))
-        .collect();
-    // The ACPI tables come with the `acpi` module; until then the guest gets none.
-    let _ = (mem, cfg);
-    Ok(None)
+    let cfg = crate::acpi::AcpiConfig {
+        num_cpus: vcpus,
+        virtio_mmio: (0..disks)
+            .map(|i| crate::acpi::MmioDevice {
+                addr: virtio_mmio_addr(i),
+                size: VIRTIO_MMIO_SIZE,
+                gsi: virtio_mmio_gsi(i),
+            })
+            .collect(),
+    };
+    crate::acpi::setup_tables(mem, &cfg)
+        .map(Some)
+        .map_err(|e| VmError::Acpi(e.to_string()))
 }
 
 impl Vm {
