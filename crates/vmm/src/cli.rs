@@ -31,7 +31,12 @@ pub struct Args {
     #[arg(long = "append", value_name = "CMDLINE", default_value = "")]
     pub append: String,
     /// RAM size: `SIZE[K|M|G|T]` (MiB without suffix) or `size=SIZE`.
-    #[arg(short = 'm', long = "memory", value_name = "SIZE", default_value = "256M")]
+    #[arg(
+        short = 'm',
+        long = "memory",
+        value_name = "SIZE",
+        default_value = "256M"
+    )]
     pub memory: String,
     /// Number of vCPUs: `N` or `cpus=N`.
     #[arg(long = "smp", value_name = "N", default_value = "1")]
@@ -281,7 +286,11 @@ pub fn parse_drive(s: &str, index: usize) -> Result<DriveSpec, String> {
             Some(d)
         }
         "none" => None,
-        o => return Err(format!("interface '{o}' is not supported (use if=virtio or if=none)")),
+        o => {
+            return Err(format!(
+                "interface '{o}' is not supported (use if=virtio or if=none)"
+            ))
+        }
     };
     Ok(DriveSpec { node, device })
 }
@@ -332,7 +341,10 @@ mod tests {
         assert!(parse_memory("lots").is_err());
         assert_eq!(parse_smp("cpus=2").unwrap(), 2);
         assert!(parse_smp("0").is_err());
-        assert_eq!(parse_serial("file:/x").unwrap(), SerialBackend::File("/x".into()));
+        assert_eq!(
+            parse_serial("file:/x").unwrap(),
+            SerialBackend::File("/x".into())
+        );
         assert!(parse_serial("pty").is_err());
         assert_eq!(
             parse_qmp("unix:/tmp/q.sock,server=on,wait=off").unwrap(),
@@ -351,7 +363,10 @@ mod tests {
         assert_eq!(d.node["file"]["filename"], "a.qcow2");
         assert_eq!(d.node["cache"]["direct"], true);
         let dev = d.device.unwrap();
-        assert_eq!((dev.id.as_str(), dev.node.as_str(), dev.read_only), ("d0", "d0", true));
+        assert_eq!(
+            (dev.id.as_str(), dev.node.as_str(), dev.read_only),
+            ("d0", "d0", true)
+        );
         let n = parse_drive("file=x,format=raw,if=none", 3).unwrap();
         assert!(n.device.is_none());
         assert_eq!(n.node["node-name"], "virtio3");
@@ -366,7 +381,10 @@ mod tests {
     #[test]
     fn device_options() {
         let d = parse_device("virtio-blk-device,drive=n0,num-queues=2,id=disk", 0).unwrap();
-        assert_eq!((d.node.as_str(), d.num_queues, d.id.as_str()), ("n0", 2, "disk"));
+        assert_eq!(
+            (d.node.as_str(), d.num_queues, d.id.as_str()),
+            ("n0", 2, "disk")
+        );
         assert!(parse_device("virtio-blk-pci,drive=n0", 0).is_err());
         assert!(parse_device("virtio-blk-device", 0).is_err());
         assert!(parse_device("virtio-blk-device,drive=n,num-queues=x", 0).is_err());

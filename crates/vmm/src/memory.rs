@@ -146,7 +146,10 @@ mod tests {
         assert_eq!(r[0], (GuestAddress(0), MMIO_GAP_START as usize));
         assert_eq!(
             r[1],
-            (GuestAddress(MMIO_GAP_END), ((4u64 << 30) - MMIO_GAP_START) as usize)
+            (
+                GuestAddress(MMIO_GAP_END),
+                ((4u64 << 30) - MMIO_GAP_START) as usize
+            )
         );
         assert!(ram_ranges(1 << 20).is_err());
         assert!(ram_ranges((64 << 20) + 1).is_err());

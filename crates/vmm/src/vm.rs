@@ -22,7 +22,9 @@ use crate::boot::{self, BootSpec};
 use crate::devices::block::{Disk, DiskConfig};
 use crate::devices::serial::{Output, SerialDevice, StdinInput};
 use crate::devices::Bus;
-use crate::layout::{virtio_mmio_addr, virtio_mmio_gsi, COM1_GSI, VIRTIO_MMIO_MAX, VIRTIO_MMIO_SIZE};
+use crate::layout::{
+    virtio_mmio_addr, virtio_mmio_gsi, COM1_GSI, VIRTIO_MMIO_MAX, VIRTIO_MMIO_SIZE,
+};
 use crate::memory::{self, GuestMemory};
 use crate::vcpu::{self, VcpuThread};
 
@@ -438,8 +440,8 @@ impl VmCore {
                 tracing::warn!(disk = %d.config.id, error = %e.desc, "flush at reset failed");
             }
         }
-        let rsdp = setup_acpi(&self.mem, self.num_vcpus, self.disks.len())
-            .map_err(|e| e.to_string())?;
+        let rsdp =
+            setup_acpi(&self.mem, self.num_vcpus, self.disks.len()).map_err(|e| e.to_string())?;
         let entry = boot::load(&self.mem, &self.boot, rsdp).map_err(|e| e.to_string())?;
         {
             let mut s = self.ctl.lock();
@@ -455,7 +457,10 @@ impl VmCore {
         } else {
             "host-qmp-system-reset"
         };
-        self.emit("RESET", Some(serde_json::json!({"guest": guest, "reason": reason})));
+        self.emit(
+            "RESET",
+            Some(serde_json::json!({"guest": guest, "reason": reason})),
+        );
         Ok(())
     }
 
@@ -491,7 +496,9 @@ pub struct Vm {
 
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vm").field("core", &self.core).finish_non_exhaustive()
+        f.debug_struct("Vm")
+            .field("core", &self.core)
+            .finish_non_exhaustive()
     }
 }
 
@@ -616,11 +623,7 @@ impl Vm {
 
     /// Starts the vCPU threads.
     pub fn start(&mut self) -> Result<(), VmError> {
-        let mut threads = self
-            .core
-            .vcpus
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut threads = self.core.vcpus.lock().unwrap_or_else(|e| e.into_inner());
         for (id, fd) in self.pending_vcpus.drain(..) {
             let t = VcpuThread::spawn(id, fd, self.bus.clone(), self.core.ctl.clone())
                 .map_err(|e| VmError::Os(format!("cannot start a vCPU thread: {e}")))?;
@@ -683,11 +686,7 @@ impl Vm {
     pub fn shutdown(&mut self, cause: &ShutdownCause) -> Vec<String> {
         self.core.park_vcpus(Want::Exit);
         {
-            let mut v = self
-                .core
-                .vcpus
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut v = self.core.vcpus.lock().unwrap_or_else(|e| e.into_inner());
             // Kick until every thread has left KVM_RUN (a kick can land just before
             // a thread enters it).
             while v.iter().any(|t| !t.finished()) {

@@ -84,9 +84,8 @@ mod tests {
         let m: hvm_modlist_entry = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
         assert_eq!((m.paddr, m.size), (0x100_0000, 1234));
         assert_eq!(info.memmap_entries, 3);
-        let last: hvm_memmap_table_entry = mem
-            .read_obj(GuestAddress(MEMMAP_ADDR + 2 * 24))
-            .unwrap();
+        let last: hvm_memmap_table_entry =
+            mem.read_obj(GuestAddress(MEMMAP_ADDR + 2 * 24)).unwrap();
         assert_eq!(last.addr + last.size, 32 << 20);
         assert_eq!(last.type_, memory::e820::RAM);
         // The module list does not overlap the start_info.

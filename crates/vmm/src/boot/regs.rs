@@ -227,7 +227,10 @@ mod tests {
     #[test]
     fn flat_segments_decode() {
         let c = segment(gdt_entry(0xc09b, 0, 0xfffff), CODE_SEL);
-        assert_eq!((c.base, c.limit, c.type_, c.present), (0, 0xffff_ffff, 0xb, 1));
+        assert_eq!(
+            (c.base, c.limit, c.type_, c.present),
+            (0, 0xffff_ffff, 0xb, 1)
+        );
         assert_eq!((c.db, c.l, c.g, c.s), (1, 0, 1, 1));
         let l = segment(gdt_entry(0xa09b, 0, 0xfffff), CODE_SEL);
         assert_eq!((l.db, l.l), (0, 1));

@@ -32,7 +32,11 @@ pub fn read(_port: u16, data: &mut [u8]) {
 /// A guest write; only single-byte writes count.
 pub fn write(port: u16, data: &[u8]) -> Option<PowerEvent> {
     let [v] = data else {
-        tracing::debug!(port, len = data.len(), "power register write of the wrong size");
+        tracing::debug!(
+            port,
+            len = data.len(),
+            "power register write of the wrong size"
+        );
         return None;
     };
     match port {
@@ -57,11 +61,23 @@ mod tests {
     #[test]
     fn only_s5_with_slp_en_and_the_reset_value_act() {
         let off = ACPI_SLP_EN | (ACPI_S5_SLEEP_TYPE << 2);
-        assert_eq!(write(ACPI_SLEEP_CONTROL_PORT, &[off]), Some(PowerEvent::PowerOff));
-        assert_eq!(write(ACPI_SLEEP_CONTROL_PORT, &[ACPI_S5_SLEEP_TYPE << 2]), None);
-        assert_eq!(write(ACPI_SLEEP_CONTROL_PORT, &[ACPI_SLP_EN | (3 << 2)]), None);
+        assert_eq!(
+            write(ACPI_SLEEP_CONTROL_PORT, &[off]),
+            Some(PowerEvent::PowerOff)
+        );
+        assert_eq!(
+            write(ACPI_SLEEP_CONTROL_PORT, &[ACPI_S5_SLEEP_TYPE << 2]),
+            None
+        );
+        assert_eq!(
+            write(ACPI_SLEEP_CONTROL_PORT, &[ACPI_SLP_EN | (3 << 2)]),
+            None
+        );
         assert_eq!(write(ACPI_SLEEP_CONTROL_PORT, &[off, 0]), None);
-        assert_eq!(write(ACPI_RESET_PORT, &[ACPI_RESET_VALUE]), Some(PowerEvent::Reset));
+        assert_eq!(
+            write(ACPI_RESET_PORT, &[ACPI_RESET_VALUE]),
+            Some(PowerEvent::Reset)
+        );
         assert_eq!(write(ACPI_RESET_PORT, &[2]), None);
         assert_eq!(write(ACPI_SLEEP_STATUS_PORT, &[0xff]), None);
         let mut d = [0xaa; 2];

@@ -248,7 +248,13 @@ impl<B: BlockBackend> MmioTransport<B> {
 
     fn reject(&mut self, what: &str, offset: u64, len: usize) {
         self.rejected += 1;
-        tracing::debug!(what, offset, len, status = self.status, "virtio-mmio access refused");
+        tracing::debug!(
+            what,
+            offset,
+            len,
+            status = self.status,
+            "virtio-mmio access refused"
+        );
     }
 
     fn offered(&self) -> u64 {
@@ -284,8 +290,12 @@ impl<B: BlockBackend> MmioTransport<B> {
                 1 => (self.offered() >> 32) as u32,
                 _ => 0,
             },
-            reg::QUEUE_NUM_MAX => self.selected().map_or(0, |q| u32::from(self.queues[q].max_size())),
-            reg::QUEUE_READY => self.selected().map_or(0, |q| u32::from(self.queues[q].ready())),
+            reg::QUEUE_NUM_MAX => self
+                .selected()
+                .map_or(0, |q| u32::from(self.queues[q].max_size())),
+            reg::QUEUE_READY => self
+                .selected()
+                .map_or(0, |q| u32::from(self.queues[q].ready())),
             reg::INTERRUPT_STATUS => self.interrupt_status,
             reg::STATUS => self.status,
             reg::CONFIG_GENERATION => self.config_generation,
@@ -344,7 +354,7 @@ impl<B: BlockBackend> MmioTransport<B> {
                     0 => set_low(&mut self.driver_features, v),
                     1 => set_high(&mut self.driver_features, v),
                     _ if v == 0 => {}
-                    _ => return self.reject("feature word out of range", offset, 4),
+                    _ => self.reject("feature word out of range", offset, 4),
                 }
             }
             reg::QUEUE_SEL => self.queue_sel = v,
@@ -385,7 +395,7 @@ impl<B: BlockBackend> MmioTransport<B> {
         match offset {
             reg::QUEUE_NUM => match u16::try_from(v) {
                 Ok(n) if n != 0 && n <= max && n.is_power_of_two() => r.size = n,
-                _ => return self.reject("bad queue size", offset, 4),
+                _ => self.reject("bad queue size", offset, 4),
             },
             reg::QUEUE_DESC_LOW => set_low(&mut r.desc, v),
             reg::QUEUE_DESC_HIGH => set_high(&mut r.desc, v),
@@ -426,9 +436,15 @@ impl<B: BlockBackend> MmioTransport<B> {
                 }
                 let queue = &mut self.queues[q];
                 let ok = queue.try_set_size(r.size).is_ok()
-                    && queue.try_set_desc_table_address(GuestAddress(r.desc)).is_ok()
-                    && queue.try_set_avail_ring_address(GuestAddress(r.driver)).is_ok()
-                    && queue.try_set_used_ring_address(GuestAddress(r.device)).is_ok();
+                    && queue
+                        .try_set_desc_table_address(GuestAddress(r.desc))
+                        .is_ok()
+                    && queue
+                        .try_set_avail_ring_address(GuestAddress(r.driver))
+                        .is_ok()
+                    && queue
+                        .try_set_used_ring_address(GuestAddress(r.device))
+                        .is_ok();
                 if !ok {
                     return self.reject("queue rings invalid", reg::QUEUE_READY, 4);
                 }
