@@ -11,7 +11,7 @@
 //! checks that too.
 //!
 //! * PVH (the ELF vmlinux): ~20 s here, runs in CI.
-//! * bzImage (x86 boot protocol): 90-150 s in the decompressor here, so it is ignored by
+//! * bzImage (x86 boot protocol): 80-150 s in the decompressor here, so it is ignored by
 //!   default: `cargo test --release -p strata-tests --test vmm_linux -- --ignored`.
 //!
 //! Each test prints a SKIP reason and returns when `/dev/kvm` or the guest packages are
@@ -240,7 +240,7 @@ fn debian_vmlinux_boots_by_pvh_with_strata_acpi_tables() {
 }
 
 #[test]
-#[ignore = "slow: ~90-150 s in the bzImage decompressor under kvm_pvm; run with \
+#[ignore = "slow: ~80-150 s in the bzImage decompressor under kvm_pvm; run with \
             cargo test --release -p strata-tests --test vmm_linux -- --ignored"]
 fn debian_bzimage_boots_with_strata_acpi_tables() {
     require_linux_vm!();
