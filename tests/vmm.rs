@@ -114,8 +114,15 @@ impl Vm {
     /// Starts the guest with `test` and the disk options `disk` (`--drive ...`, or
     /// `--blockdev ... --device ...`).
     fn start(dir: &Path, test: &str, disk: &[String]) -> Vm {
+        Vm::start_smp(dir, test, disk, 1)
+    }
+
+    /// [`Vm::start`] with `smp` vCPUs (the guest runs on the first; the others wait
+    /// for a startup IPI that never comes, which pausing and resetting must handle).
+    fn start_smp(dir: &Path, test: &str, disk: &[String], smp: u8) -> Vm {
         let qmp = dir.join("qmp.sock");
         let mut child = Command::new(vm_bin())
+            .args(["--smp", &smp.to_string()])
             .arg("--kernel")
             .arg(guest().expect("checked by require_vm"))
             .args(["--append", &format!("test={test}")])
@@ -309,7 +316,7 @@ fn werror_stop_pauses_the_vm_and_cont_retries_the_write() {
         "--blockdev".into(),
         node.to_string(),
         "--device".into(),
-        "virtio-blk-device,drive=dbg,id=vd0,werror=stop".into(),
+        "virtio-blk-device,drive=dbg,id=vd0,werror=stop,num-queues=2".into(),
     ];
     let vm = Vm::start(dir.path(), "basic", &disk);
     let mut q = Qmp::connect(&vm.qmp);
@@ -398,7 +405,7 @@ fn qmp_stop_cont_powerdown_reset_and_quit() {
     require_vm!();
     let dir = tempdir();
     let image = qcow2(dir.path(), "64M");
-    let vm = Vm::start(dir.path(), "stamp:100000000:1024", &drive(&image, ""));
+    let vm = Vm::start_smp(dir.path(), "stamp:100000000:1024", &drive(&image, ""), 2);
     let mut q = Qmp::connect(&vm.qmp);
     let t = Instant::now();
     while vm.stamped() < 100 {
