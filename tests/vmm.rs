@@ -111,15 +111,23 @@ struct Vm {
 }
 
 impl Vm {
-    /// Starts the guest with `test` on `drive` (a `--drive` option string).
-    fn start(dir: &Path, test: &str, drive: &str) -> Vm {
+    /// Starts the guest with `test` and the disk options `disk` (`--drive ...`, or
+    /// `--blockdev ... --device ...`).
+    fn start(dir: &Path, test: &str, disk: &[String]) -> Vm {
+        Vm::start_smp(dir, test, disk, 1)
+    }
+
+    /// [`Vm::start`] with `smp` vCPUs (the guest runs on the first; the others wait
+    /// for a startup IPI that never comes, which pausing and resetting must handle).
+    fn start_smp(dir: &Path, test: &str, disk: &[String], smp: u8) -> Vm {
         let qmp = dir.join("qmp.sock");
         let mut child = Command::new(vm_bin())
+            .args(["--smp", &smp.to_string()])
             .arg("--kernel")
             .arg(guest().expect("checked by require_vm"))
             .args(["--append", &format!("test={test}")])
             .args(["-m", "64", "--no-reboot", "--serial", "stdio"])
-            .args(["--drive", drive])
+            .args(disk)
             .arg("--qmp")
             .arg(format!("unix:{},server=on,wait=off", s(&qmp)))
             .stdin(Stdio::null())
@@ -209,8 +217,11 @@ fn qcow2(dir: &Path, size: &str) -> PathBuf {
     p
 }
 
-fn drive(image: &Path, extra: &str) -> String {
-    format!("file={},format=qcow2,if=virtio,id=disk0{extra}", s(image))
+fn drive(image: &Path, extra: &str) -> Vec<String> {
+    vec![
+        "--drive".into(),
+        format!("file={},format=qcow2,if=virtio,id=disk0{extra}", s(image)),
+    ]
 }
 
 fn assert_clean(image: &Path) {
@@ -250,7 +261,49 @@ fn basic_workload_powers_off_and_leaves_a_clean_image() {
         "strata-vm exited with {st}; console: {lines:?}"
     );
     assert_pass(&lines);
+    assert!(
+        lines.iter().any(|l| l == "ok discard zeroed=0 kept=16"),
+        "discard=ignore (the --drive default) keeps the data: {lines:?}"
+    );
     assert_clean(&image);
+    let disk = qemu::to_raw(&image);
+    let want = basic_model(disk.len());
+    if let Some(i) = (0..disk.len()).find(|&i| disk[i] != want[i]) {
+        panic!(
+            "image differs from the basic workload's model at byte {i} (block {})",
+            i / 4096
+        );
+    }
+}
+
+/// The disk after `test=basic` (tests/vmm_guest/work_basic.inc) on a zeroed disk of
+/// `size` bytes whose discards are ignored: blocks 0-2, 8-11 and size/8192 hold
+/// generation 1, 64-79 generation 2 (discarded, but kept), 36-39 generation 3 (32-35
+/// and 40-47 were zero-written), the last sector the generation 1 line of its sector
+/// number; 4 KiB blocks are filled with the 32-byte line "%08d %08d strata-basics\n" of
+/// (block, generation).
+fn basic_model(size: usize) -> Vec<u8> {
+    let mut m = vec![0u8; size];
+    let fill = |m: &mut [u8], off: usize, len: usize, n: usize, gen: u32| {
+        let line = format!("{n:08} {gen:08} strata-basics\n");
+        for c in m[off..off + len].chunks_mut(32) {
+            c.copy_from_slice(line.as_bytes());
+        }
+    };
+    let blocks = size / 4096;
+    for (first, count, gen) in [
+        (0, 3, 1),
+        (8, 4, 1),
+        (blocks / 2, 1, 1),
+        (64, 16, 2),
+        (36, 4, 3),
+    ] {
+        for b in first..first + count {
+            fill(&mut m, b * 4096, 4096, b, gen);
+        }
+    }
+    fill(&mut m, size - 512, 512, size / 512 - 1, 1);
+    m
 }
 
 #[test]
@@ -264,7 +317,19 @@ fn read_only_drive_refuses_writes_and_stays_unchanged() {
         &["write -P 0x5a 0 1M", "write -P 0xa5 32M 64k"],
     );
     let before = qemu::to_raw(&image);
-    let vm = Vm::start(dir.path(), "ro", &drive(&image, ",readonly=on"));
+    // The node and the device the daemon's way: --blockdev, then --device.
+    let disk = vec![
+        "--blockdev".into(),
+        format!(
+            "driver=file,filename={},node-name=f0,read-only=on",
+            s(&image)
+        ),
+        "--blockdev".into(),
+        "driver=qcow2,file=f0,node-name=q0,read-only=on".into(),
+        "--device".into(),
+        "virtio-blk-device,drive=q0,id=vd0".into(),
+    ];
+    let vm = Vm::start(dir.path(), "ro", &disk);
     let (st, lines) = vm.wait(Duration::from_secs(60));
     assert!(
         st.success(),
@@ -279,11 +344,110 @@ fn read_only_drive_refuses_writes_and_stays_unchanged() {
 }
 
 #[test]
+fn werror_stop_pauses_the_vm_and_cont_retries_the_write() {
+    require_vm!();
+    let dir = tempdir();
+    let image = qcow2(dir.path(), "64M");
+    let node = serde_json::json!({
+        "driver": "blkdebug", "node-name": "dbg",
+        "inject-error": [{"event": "write_aio", "once": true}],
+        "image": {"driver": "qcow2", "node-name": "q0",
+                  "file": {"driver": "file", "filename": s(&image)}},
+    });
+    let disk = vec![
+        "--blockdev".into(),
+        node.to_string(),
+        "--device".into(),
+        "virtio-blk-device,drive=dbg,id=vd0,werror=stop,num-queues=2".into(),
+    ];
+    let vm = Vm::start(dir.path(), "basic", &disk);
+    let mut q = Qmp::connect(&vm.qmp);
+    let ev = q.wait_event("BLOCK_IO_ERROR");
+    assert_eq!(ev["data"]["operation"], "write", "{ev}");
+    assert_eq!(ev["data"]["action"], "stop", "{ev}");
+    assert_eq!(ev["data"]["node-name"], "dbg", "{ev}");
+    q.wait_event("STOP");
+    let r = q.cmd(serde_json::json!({"execute": "query-status"}));
+    assert_eq!(
+        r["return"],
+        serde_json::json!({"running": false, "status": "io-error"})
+    );
+    assert!(!vm.lines().iter().any(|l| l == "PASS"));
+    let r = q.cmd(serde_json::json!({"execute": "cont"}));
+    assert!(r.get("return").is_some(), "{r}");
+    q.wait_event("RESUME");
+    let ev = q.wait_event("SHUTDOWN");
+    assert_eq!(ev["data"]["reason"], "guest-shutdown", "{ev}");
+    drop(q);
+    let (st, lines) = vm.wait(Duration::from_secs(60));
+    assert!(
+        st.success(),
+        "strata-vm exited with {st}; console: {lines:?}"
+    );
+    assert_pass(&lines);
+    assert_clean(&image);
+}
+
+#[test]
+fn bad_command_lines_fail_with_a_message() {
+    let dir = tempdir();
+    let image = qcow2(dir.path(), "1M");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--drive".into(), "format=raw".into()],
+            "Parameter 'file' is missing",
+        ),
+        (
+            vec![
+                "--drive".into(),
+                format!("file={},format=qcow2,bogus=1", s(&image)),
+            ],
+            "Invalid parameter 'bogus'",
+        ),
+        (
+            vec!["--device".into(), "virtio-blk-device,drive=nope".into()],
+            "Drive 'nope' not found",
+        ),
+        (vec!["-m".into(), "1".into()], "memory size"),
+        (vec!["--smp".into(), "0".into()], "invalid number of CPUs"),
+        (vec!["--qmp".into(), "stdio".into()], "--qmp"),
+        (vec!["--serial".into(), "pty".into()], "serial backend"),
+    ];
+    for (args, want) in cases {
+        let out = Command::new(vm_bin())
+            .args(["--kernel", "/nonexistent/kernel"])
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run strata-vm");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: expected {want:?} in {err:?}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    if kvm().is_ok() {
+        // A kernel that is not one: a clear error after KVM is set up.
+        let junk = dir.path().join("junk");
+        std::fs::write(&junk, vec![0x41; 4096]).expect("write");
+        let out = Command::new(vm_bin())
+            .arg("--kernel")
+            .arg(&junk)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run strata-vm");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains("is not a kernel"), "{err}");
+    }
+    assert_clean(&image);
+}
+
+#[test]
 fn qmp_stop_cont_powerdown_reset_and_quit() {
     require_vm!();
     let dir = tempdir();
     let image = qcow2(dir.path(), "64M");
-    let vm = Vm::start(dir.path(), "stamp:100000000:1024", &drive(&image, ""));
+    let vm = Vm::start_smp(dir.path(), "stamp:100000000:1024", &drive(&image, ""), 2);
     let mut q = Qmp::connect(&vm.qmp);
     let t = Instant::now();
     while vm.stamped() < 100 {

@@ -1,7 +1,7 @@
 //! The VM's QMP commands and events, registered on the same [`Registry`] as the
 //! block-layer commands of `strata_qmp::blockdev` (nodes, bitmaps, jobs, backup):
 //! `query-status`, `stop`, `cont`, `system_powerdown`, `system_reset`, and the
-//! `STOP`, `RESUME`, `SHUTDOWN`, `POWERDOWN` and `RESET` events (QEMU 10's members).
+//! `STOP`, `RESUME`, `SHUTDOWN`, `POWERDOWN`, `RESET` and `BLOCK_IO_ERROR` events (QEMU 10's members).
 //! `quit` is built into the registry; the binary turns it into a shutdown.
 
 use std::sync::Arc;
@@ -101,5 +101,22 @@ pub fn register(reg: &mut Registry, core: &Arc<VmCore>) -> Result<(), RegistryEr
                 .member("reason", shutdown_cause_type()),
         )?;
     }
+    reg.register_event(
+        "BLOCK_IO_ERROR",
+        ObjectType::new("q_obj_BLOCK_IO_ERROR-arg")
+            .member("qom-path", Type::Str)
+            .member("device", Type::Str)
+            .optional("node-name", Type::Str)
+            .member(
+                "operation",
+                Type::enumeration("IoOperationType", &["read", "write"]),
+            )
+            .member(
+                "action",
+                Type::enumeration("BlockErrorAction", &["ignore", "report", "stop"]),
+            )
+            .optional("nospace", Type::Bool)
+            .member("reason", Type::Str),
+    )?;
     Ok(())
 }

@@ -36,8 +36,10 @@ pub const MAX_VCPUS: u8 = 64;
 pub enum RunState {
     /// The vCPUs run.
     Running,
-    /// Stopped by `stop` (or a device error policy).
+    /// Stopped by `stop`.
     Paused,
+    /// Stopped by a disk's error policy (`werror=stop`/`enospc`, `rerror=stop`).
+    IoError,
     /// The guest is shutting down or has shut down.
     Shutdown,
     /// KVM could not continue the guest.
@@ -50,6 +52,7 @@ impl RunState {
         match self {
             RunState::Running => "running",
             RunState::Paused => "paused",
+            RunState::IoError => "io-error",
             RunState::Shutdown => "shutdown",
             RunState::InternalError => "internal-error",
         }
@@ -292,8 +295,11 @@ pub struct VmCore {
     vcpus: Mutex<Vec<VcpuThread>>,
     disks: Vec<Disk>,
     state: Mutex<RunState>,
-    events: OnceLock<EventSender>,
+    events: EventSlot,
 }
+
+/// Where QMP events go once a monitor exists (shared by the VM and its disks).
+pub type EventSlot = Arc<OnceLock<EventSender>>;
 
 impl std::fmt::Debug for VmCore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -380,6 +386,10 @@ impl VmCore {
     /// QMP `stop`: pauses the vCPUs, drains and flushes disk I/O, emits `STOP`.
     /// Stopping a VM that is not running does nothing.
     pub fn stop(&self) {
+        self.stop_as(RunState::Paused);
+    }
+
+    fn stop_as(&self, state: RunState) {
         if self.status() != RunState::Running {
             return;
         }
@@ -387,7 +397,7 @@ impl VmCore {
         for e in self.quiesce_devices() {
             tracing::warn!("{e}");
         }
-        self.set_status(RunState::Paused);
+        self.set_status(state);
         self.emit("STOP", None);
     }
 
@@ -395,7 +405,7 @@ impl VmCore {
     pub fn cont(&self) -> Result<(), String> {
         match self.status() {
             RunState::Running => return Ok(()),
-            RunState::Paused => {}
+            RunState::Paused | RunState::IoError => {}
             RunState::Shutdown | RunState::InternalError => {
                 return Err("Resetting the Virtual Machine is required".into())
             }
@@ -475,7 +485,7 @@ impl VmCore {
         let core = self.clone();
         let spawned = std::thread::Builder::new()
             .name("vm-stop".into())
-            .spawn(move || core.stop());
+            .spawn(move || core.stop_as(RunState::IoError));
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot stop the VM after a device error");
         }
@@ -552,9 +562,10 @@ impl Vm {
         memory::register(&vm, &mem)?;
 
         let ctl = Arc::new(Control::new().map_err(|e| VmError::Os(e.to_string()))?);
+        let events: EventSlot = Arc::new(OnceLock::new());
         let mut disks = Vec::new();
         for (i, d) in cfg.disks.into_iter().enumerate() {
-            disks.push(Disk::new(&vm, mem.clone(), i, d)?);
+            disks.push(Disk::new(&vm, mem.clone(), i, d, events.clone())?);
         }
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Os(e.to_string()))?;
         vm.register_irqfd(&serial_irq, COM1_GSI)
@@ -587,7 +598,7 @@ impl Vm {
             vcpus: Mutex::new(Vec::new()),
             disks,
             state: Mutex::new(RunState::Running),
-            events: OnceLock::new(),
+            events,
         });
         for d in &core.disks {
             let weak = Arc::downgrade(&core);

@@ -7,13 +7,40 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use strata_block::BlockNode;
-use strata_virtio_blk::{DeviceOptions, ErrorAction, VirtioBlk};
+use strata_virtio_blk::{DeviceOptions, ErrorAction, ErrorEvent, ErrorSink, VirtioBlk};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::virtio_mmio::{reg, MmioTransport};
 use crate::layout::{virtio_mmio_addr, virtio_mmio_gsi};
 use crate::memory::GuestMemory;
+use crate::vm::EventSlot;
+
+/// Sends a disk's failed requests to the monitors as `BLOCK_IO_ERROR`.
+struct IoErrorEvents {
+    device: String,
+    node: String,
+    events: EventSlot,
+}
+
+impl ErrorSink for IoErrorEvents {
+    fn io_error(&self, e: ErrorEvent) {
+        if let Some(sender) = self.events.get() {
+            sender.emit(
+                "BLOCK_IO_ERROR",
+                Some(serde_json::json!({
+                    "qom-path": format!("/machine/peripheral/{}/virtio-backend", self.device),
+                    "device": self.device,
+                    "node-name": self.node,
+                    "operation": e.operation,
+                    "action": e.action,
+                    "nospace": e.nospace,
+                    "reason": e.reason,
+                })),
+            );
+        }
+    }
+}
 
 /// The transport type of every disk.
 pub type BlkTransport = MmioTransport<Arc<BlockNode>>;
@@ -75,13 +102,14 @@ pub enum DiskError {
 }
 
 impl Disk {
-    /// Creates disk number `index` and wires its interrupt and notifications into
-    /// `vm`.
+    /// Creates disk number `index`, wires its interrupt and notifications into `vm`
+    /// and its I/O errors to the monitors behind `events`.
     pub fn new(
         vm: &VmFd,
         mem: Arc<GuestMemory>,
         index: usize,
         config: DiskConfig,
+        events: EventSlot,
     ) -> Result<Disk, DiskError> {
         let id = config.id.clone();
         let setup = |e: &dyn std::fmt::Display| DiskError::Setup(id.clone(), e.to_string());
@@ -98,7 +126,12 @@ impl Disk {
         let dev = VirtioBlk::new(config.node.clone(), opts)
             .map_err(|e| DiskError::Options(id.clone(), e))?
             .with_writethrough(config.writethrough)
-            .with_error_policy(config.werror, config.rerror);
+            .with_error_policy(config.werror, config.rerror)
+            .with_error_sink(Arc::new(IoErrorEvents {
+                device: id.clone(),
+                node: config.node.name().to_string(),
+                events,
+            }));
         let addr = virtio_mmio_addr(index);
         let gsi = virtio_mmio_gsi(index);
         let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| setup(&e))?;

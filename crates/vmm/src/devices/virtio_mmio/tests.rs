@@ -353,3 +353,121 @@ fn random_register_garbage_never_panics() {
         }
     }
 }
+
+/// Brings `t` to DRIVER_OK with queue 0 of 16 entries at DESC/AVAIL/USED.
+fn running(t: &mut T) {
+    to_features_ok(t);
+    setup_queue(t, DESC, AVAIL, USED, 16);
+    w32(
+        t,
+        reg::STATUS,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+    );
+}
+
+/// Offers chain heads `heads` on the available ring (after `already` earlier ones) and
+/// notifies.
+fn offer(t: &mut T, mem: &GuestMemory, already: u16, heads: &[u16]) {
+    for (i, h) in heads.iter().enumerate() {
+        let slot = (already as u64 + i as u64) % 16;
+        mem.write_obj(*h, GuestAddress(AVAIL + 4 + 2 * slot))
+            .unwrap();
+    }
+    mem.write_obj(already + heads.len() as u16, GuestAddress(AVAIL + 2))
+        .unwrap();
+    w32(t, reg::QUEUE_NOTIFY, 0);
+}
+
+fn header(mem: &GuestMemory, at: u64, ty: u32, sector: u64) {
+    mem.write_obj(ty, GuestAddress(at)).unwrap();
+    mem.write_obj(0u32, GuestAddress(at + 4)).unwrap();
+    mem.write_obj(sector, GuestAddress(at + 8)).unwrap();
+}
+
+#[test]
+fn hostile_chains_get_errors_and_the_device_keeps_serving() {
+    let (mut t, disk, _irq, mem) = setup();
+    disk.0.lock().unwrap().fill(0x11);
+    running(&mut t);
+    let hdr = 0x20_0000u64;
+    header(&mem, hdr, 1, 0); // OUT sector 0
+    mem.write_slice(&[0xee; 4096], GuestAddress(0x20_1000))
+        .unwrap();
+    // 0: a chain looping on itself (0 -> 1 -> 0).
+    desc(&mem, 0, hdr, 16, 1, 1);
+    desc(&mem, 1, 0x20_1000, 512, 1, 0);
+    // 2: an absurd data length (4 GiB - 1) in guest memory's range start.
+    desc(&mem, 2, hdr, 16, 1, 3);
+    desc(&mem, 3, 0x20_1000, u32::MAX, 1, 4);
+    desc(&mem, 4, 0x20_3000, 1, 2, 0);
+    // 5: a write past the end of the 1 MiB disk.
+    header(&mem, 0x20_0100, 1, 2048);
+    desc(&mem, 5, 0x20_0100, 16, 1, 6);
+    desc(&mem, 6, 0x20_1000, 512, 1, 7);
+    desc(&mem, 7, 0x20_3001, 1, 2, 0);
+    // 8: a "next" index outside the table.
+    desc(&mem, 8, hdr, 16, 1, 200);
+    // 9: a status descriptor the device may not write (read-only flag).
+    desc(&mem, 9, hdr, 16, 1, 10);
+    desc(&mem, 10, 0x20_1000, 512, 1, 11);
+    desc(&mem, 11, 0x20_3002, 1, 0, 0);
+    // Heads outside the table, too.
+    mem.write_slice(&[0xff; 3], GuestAddress(0x20_3000))
+        .unwrap();
+    offer(&mut t, &mem, 0, &[0, 2, 5, 8, 9, 15, 0xffff]);
+    assert!(
+        disk.0.lock().unwrap().iter().all(|&b| b == 0x11),
+        "a malformed request reached the disk"
+    );
+    let st: [u8; 3] = mem.read_obj(GuestAddress(0x20_3000)).unwrap();
+    assert_eq!(st[1], strata_virtio_blk::status::IOERR, "past the end");
+    // The device still serves a good request afterwards.
+    let used_before: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+    desc(&mem, 12, hdr, 16, 1, 13);
+    desc(&mem, 13, 0x20_1000, 512, 1, 14);
+    desc(&mem, 14, 0x20_3003, 1, 2, 0);
+    let next: u16 = mem.read_obj(GuestAddress(AVAIL + 2)).unwrap();
+    offer(&mut t, &mem, next, &[12]);
+    let used_after: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+    assert_eq!(used_after, used_before.wrapping_add(1));
+    let st: u8 = mem.read_obj(GuestAddress(0x20_3003)).unwrap();
+    assert_eq!(st, 0);
+    assert_eq!(&disk.0.lock().unwrap()[..512], &[0xee; 512][..]);
+    assert_eq!(t.status() & status::DEVICE_NEEDS_RESET, 0);
+}
+
+#[test]
+fn writes_to_a_read_only_disk_fail_and_change_nothing() {
+    let disk = Arc::new(MemDisk(Mutex::new(vec![0x22; 1 << 20])));
+    let opts = DeviceOptions {
+        queue_size: 16,
+        read_only: true,
+        ..DeviceOptions::default()
+    };
+    let dev = Arc::new(VirtioBlk::new(disk.clone(), opts).unwrap());
+    let mem = Arc::new(memory::create(MEM).unwrap());
+    let mut t = MmioTransport::new(dev, mem.clone(), Arc::new(CountIrq::default())).unwrap();
+    running(&mut t);
+    let hdr = 0x20_0000u64;
+    header(&mem, hdr, 1, 0); // OUT
+    header(&mem, hdr + 16, 13, 0); // WRITE_ZEROES
+    mem.write_slice(&[0u8; 16], GuestAddress(0x20_2000))
+        .unwrap();
+    mem.write_obj(8u32, GuestAddress(0x20_2008)).unwrap();
+    desc(&mem, 0, hdr, 16, 1, 1);
+    desc(&mem, 1, 0x20_1000, 512, 1, 2);
+    desc(&mem, 2, 0x20_3000, 1, 2, 0);
+    desc(&mem, 3, hdr + 16, 16, 1, 4);
+    desc(&mem, 4, 0x20_2000, 16, 1, 5);
+    desc(&mem, 5, 0x20_3001, 1, 2, 0);
+    mem.write_slice(&[0xff; 2], GuestAddress(0x20_3000))
+        .unwrap();
+    offer(&mut t, &mem, 0, &[0, 3]);
+    let st: [u8; 2] = mem.read_obj(GuestAddress(0x20_3000)).unwrap();
+    assert_ne!(st[0], 0, "write to a read-only disk succeeded");
+    assert_ne!(st[1], 0, "write-zeroes on a read-only disk succeeded");
+    assert!(disk.0.lock().unwrap().iter().all(|&b| b == 0x22));
+    // VIRTIO_BLK_F_RO is offered.
+    w32(&mut t, reg::DEVICE_FEATURES_SEL, 0);
+    assert_ne!(r32(&mut t, reg::DEVICE_FEATURES) & (1 << 5), 0);
+}
