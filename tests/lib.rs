@@ -5,6 +5,8 @@
 //!
 //! - [`qemu`]: finding and running the QEMU tools, with a printed skip when they are
 //!   missing (never a silent pass),
+//! - [`qmp`]: a small QMP client; [`stamps`]: the point-in-time checker of the guests'
+//!   stamp workloads,
 //! - [`pattern`]: position-dependent data, so misplaced bytes are caught,
 //! - [`Model`]: an in-memory disk that random operation sequences are mirrored into,
 //! - [`qcow2`]: a tiny header reader/patcher used to build corrupted images,
@@ -20,6 +22,10 @@ use strata_image::FormatDriver;
 pub mod qcow2;
 #[path = "support/qemu.rs"]
 pub mod qemu;
+#[path = "support/qmp.rs"]
+pub mod qmp;
+#[path = "support/stamps.rs"]
+pub mod stamps;
 
 /// One mebibyte.
 pub const MIB: u64 = 1 << 20;

@@ -17,7 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use strata_tests::{qemu, require_qemu, s, tempdir, MIB};
+use strata_tests::qmp::Qmp;
+use strata_tests::{qemu, require_qemu, s, stamps, tempdir, MIB};
 
 /// Kernel and initramfs of the test guest, or why they are unavailable.
 fn guest() -> Result<(PathBuf, PathBuf), String> {
@@ -542,126 +543,11 @@ fn sha256_hex(data: &[u8]) -> String {
         .to_string()
 }
 
-/// A QMP connection that keeps the events it reads.
-struct Qmp {
-    w: UnixStream,
-    r: BufReader<UnixStream>,
-    events: Vec<serde_json::Value>,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Qmp {
-        let w = UnixStream::connect(path).expect("qmp connect");
-        w.set_read_timeout(Some(Duration::from_secs(120)))
-            .expect("timeout");
-        let r = BufReader::new(w.try_clone().expect("clone"));
-        let mut q = Qmp {
-            w,
-            r,
-            events: Vec::new(),
-        };
-        q.line();
-        q.cmd(serde_json::json!({"execute": "qmp_capabilities"}));
-        q
-    }
-
-    fn line(&mut self) -> serde_json::Value {
-        let mut l = String::new();
-        self.r.read_line(&mut l).expect("qmp read");
-        serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad QMP line {l:?}: {e}"))
-    }
-
-    fn cmd(&mut self, c: serde_json::Value) -> serde_json::Value {
-        let mut s = c.to_string();
-        s.push('\n');
-        self.w.write_all(s.as_bytes()).expect("qmp write");
-        loop {
-            let v = self.line();
-            if v.get("event").is_some() {
-                self.events.push(v);
-            } else {
-                return v;
-            }
-        }
-    }
-
-    fn wait_event(&mut self, name: &str) -> serde_json::Value {
-        if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
-            return self.events.remove(i);
-        }
-        loop {
-            let v = self.line();
-            if v["event"] == name {
-                return v;
-            }
-            self.events.push(v);
-        }
-    }
-}
-
 /// 4 KiB blocks the stamp workload scatters over (64 MiB).
 const STAMP_BLOCKS: u64 = 16384;
 
-/// The block stamp `n` goes to (see tests/guest/init.sh).
-fn stamp_block(n: u64) -> u64 {
-    ((n - 1) * 37) % STAMP_BLOCKS
-}
-
-/// Checks that `disk` is a state the stamp workload passed through: for the highest
-/// stamp H found, block b holds the last stamp n <= H with `stamp_block(n) == b`,
-/// and everything else is zero. Returns H.
 fn check_stamps(disk: &[u8]) -> Result<u64, String> {
-    let bs = 4096usize;
-    let mut found = Vec::new();
-    for b in 0..STAMP_BLOCKS as usize {
-        let blk = &disk[b * bs..(b + 1) * bs];
-        if blk.iter().all(|&x| x == 0) {
-            found.push(0u64);
-            continue;
-        }
-        let line = &blk[..32];
-        if blk.chunks(32).any(|c| c != line) {
-            return Err(format!("block {b} is torn"));
-        }
-        let text = String::from_utf8_lossy(line);
-        let mut it = text.split_whitespace();
-        let n: u64 = it
-            .next()
-            .and_then(|x| x.parse().ok())
-            .ok_or(format!("block {b}: not a stamp: {text:?}"))?;
-        let idx: u64 = it
-            .next()
-            .and_then(|x| x.parse().ok())
-            .ok_or(format!("block {b}: not a stamp: {text:?}"))?;
-        if idx != b as u64 || n == 0 || stamp_block(n) != b as u64 {
-            return Err(format!("block {b} holds stamp {n} of block {idx}"));
-        }
-        found.push(n);
-    }
-    let h = found.iter().copied().max().unwrap_or(0);
-    let inv = (1..STAMP_BLOCKS)
-        .find(|&x| (37 * x) % STAMP_BLOCKS == 1)
-        .unwrap_or(1);
-    for (b, &n) in found.iter().enumerate() {
-        let b = b as u64;
-        // The first stamp that lands on b, then every STAMP_BLOCKS-th after it.
-        let first = (b * inv) % STAMP_BLOCKS + 1;
-        let want = if h >= first {
-            first + STAMP_BLOCKS * ((h - first) / STAMP_BLOCKS)
-        } else {
-            0
-        };
-        if n != want {
-            return Err(format!(
-                "block {b} holds stamp {n}, but the state at stamp {h} has {want}"
-            ));
-        }
-    }
-    let rest = STAMP_BLOCKS as usize * bs;
-    if let Some(i) = disk[rest..].iter().position(|&x| x != 0) {
-        return Err(format!("non-zero byte at {} past the stamp area", rest + i));
-    }
-    Ok(h)
+    stamps::check(disk, STAMP_BLOCKS)
 }
 
 #[test]

@@ -1,11 +1,13 @@
 #!/bin/sh
-# Builds Strata's test guest from Debian packages: the cloud kernel and a gzip'd
-# newc initramfs with busybox-static, util-linux's blkdiscard (for -z), the virtio
-# modules and tests/guest/init.sh as /init.
+# Builds Strata's test guest from Debian packages: the cloud kernel (the bzImage, and
+# the ELF vmlinux extracted from it for PVH boot) and a gzip'd newc initramfs with
+# busybox-static, util-linux's blkdiscard (for -z), the virtio modules (PCI and MMIO
+# transports) and tests/guest/init.sh as /init.
 #
 # The result is cached in $STRATA_GUEST_CACHE (default: $XDG_CACHE_HOME/strata/guest,
 # or ~/.cache/strata/guest) under a key made from the package versions and the init
-# script, so later runs return at once. Prints two lines, KERNEL=... and INITRD=...
+# script, so later runs return at once. Prints KERNEL=... and INITRD=..., and
+# VMLINUX=... when the vmlinux could be extracted (needs lz4).
 #
 # Needs: apt-get (package lists present), dpkg-deb, gzip, and busybox (host or
 # extracted). Exits 2 with a reason on stderr when something is missing.
@@ -41,6 +43,7 @@ out="$cache/$key"
 if [ -f "$out/initramfs.cpio.gz" ] && [ -f "$out/vmlinuz" ]; then
     echo "KERNEL=$out/vmlinuz"
     echo "INITRD=$out/initramfs.cpio.gz"
+    [ -f "$out/vmlinux" ] && echo "VMLINUX=$out/vmlinux"
     exit 0
 fi
 
@@ -66,7 +69,7 @@ fi
 kver=$(ls "$work/k/lib/modules" | head -n 1)
 mods="$work/k/lib/modules/$kver/kernel/drivers"
 for m in virtio/virtio_ring virtio/virtio virtio/virtio_pci_legacy_dev \
-    virtio/virtio_pci_modern_dev virtio/virtio_pci block/virtio_blk; do
+    virtio/virtio_pci_modern_dev virtio/virtio_pci virtio/virtio_mmio block/virtio_blk; do
     src=$(ls "$mods/$m".ko* 2>/dev/null | head -n 1 || true)
     [ -n "$src" ] || continue
     case "$src" in
@@ -78,9 +81,23 @@ cp "$here/init.sh" "$root/init"
 chmod 755 "$root/init"
 mkdir -p "$work/out"
 cp "$work/k/boot/vmlinuz-$kver" "$work/out/vmlinuz"
+# The ELF vmlinux inside the bzImage (it carries the PVH entry note, for VMMs that boot
+# by PVH): the payload is LZ4 (legacy frame, magic 02 21 4c 18); like the kernel's
+# scripts/extract-vmlinux, try each place the magic occurs and keep the first that
+# decompresses to an ELF file. Needs lz4; without it there is no VMLINUX line.
+if command -v lz4 >/dev/null; then
+    for off in $(LC_ALL=C grep -obUaP '\x02\x21\x4c\x18' "$work/out/vmlinuz" | cut -d: -f1); do
+        tail -c +$((off + 1)) "$work/out/vmlinuz" | lz4 -dc > "$work/out/vmlinux" 2>/dev/null || true
+        [ "$(head -c 4 "$work/out/vmlinux" | od -An -c | tr -d ' ')" = '177ELF' ] && break
+        rm -f "$work/out/vmlinux"
+    done
+else
+    echo "guest build: lz4 not found, no vmlinux extracted" >&2
+fi
 (cd "$root" && find . | "$root/bin/busybox" cpio -o -H newc 2>/dev/null) |
     gzip -9 > "$work/out/initramfs.cpio.gz"
 rm -rf "$out"
 mv "$work/out" "$out"
 echo "KERNEL=$out/vmlinuz"
 echo "INITRD=$out/initramfs.cpio.gz"
+if [ -f "$out/vmlinux" ]; then echo "VMLINUX=$out/vmlinux"; fi
