@@ -8,6 +8,7 @@
 //! - [`pattern`]: position-dependent data, so misplaced bytes are caught,
 //! - [`Model`]: an in-memory disk that random operation sequences are mirrored into,
 //! - [`qcow2`]: a tiny header reader/patcher used to build corrupted images,
+//! - [`vmm_guest`]: the bare-metal test guest (build, serial report, expected disk),
 //! - byte comparison that reports the first differing offset, seeds that can be replayed,
 //!   and whole-disk reads through the library.
 
@@ -20,6 +21,8 @@ use strata_image::FormatDriver;
 pub mod qcow2;
 #[path = "support/qemu.rs"]
 pub mod qemu;
+#[path = "support/vmm_guest.rs"]
+pub mod vmm_guest;
 
 /// One mebibyte.
 pub const MIB: u64 = 1 << 20;
