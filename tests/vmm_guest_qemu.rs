@@ -312,3 +312,45 @@ fn guest_reports_failures_it_cannot_work_around() {
     let raw = qemu::to_raw(&disk);
     assert!(raw.iter().all(|&b| b == 0));
 }
+
+#[test]
+fn hostile_driver_leaves_the_disk_alone() {
+    let elf = require_guest!();
+    let dir = tempdir();
+    let disk = new_disk(dir.path(), "hostile.qcow2");
+    let run = boot(
+        &elf,
+        "test=hostile",
+        &format!("file={},format=qcow2", s(&disk)),
+        false,
+        Duration::from_secs(120),
+    );
+    // QEMU stayed up to the end: the guest finished every case, recovered the device
+    // after each, and powered the machine off.
+    guest::assert_pass(&run.serial);
+    assert_powered_off(&run);
+    let r = guest::report(&run.serial);
+    assert!(guest::line(&r, "ok hostile-setup").is_some());
+    assert!(guest::line(&r, "ok hostile-final").is_some());
+    assert!(guest::line(&r, "hostile done").is_some());
+    let outcomes = guest::hostile_outcomes(&r).unwrap_or_else(|e| panic!("{e}\n{}", run.serial));
+    let outcome = |case: &str| {
+        outcomes
+            .iter()
+            .find(|(c, _)| c == case)
+            .map(|(_, o)| o.as_str())
+            .unwrap()
+    };
+    // What the virtio spec requires of any device: an unknown request type is UNSUPP,
+    // and a request past the end is an I/O error.
+    assert_eq!(outcome("type-0x55"), "status=2");
+    assert_eq!(outcome("sector-beyond-capacity-in"), "status=1");
+    assert_eq!(outcome("sector-beyond-capacity-out"), "status=1");
+    // QEMU treats a looping chain as a broken driver: the device needs a reset.
+    assert_eq!(outcome("chain-loop"), "needs-reset");
+    assert_eq!(outcome("chain-self-loop"), "needs-reset");
+
+    assert_clean_image(&disk);
+    let raw = qemu::to_raw(&disk);
+    guest::check_disk(&raw, &guest::hostile_writes()).unwrap_or_else(|e| panic!("{e}"));
+}

@@ -241,3 +241,74 @@ pub fn stamp_writes(count: u64, blocks: u64) -> Vec<(u64, Expect)> {
         .map(|(b, &n)| (b as u64 * BLOCK, Expect::Bytes(stamp_block(n, b as u64))))
         .collect()
 }
+
+/// The cases `test=hostile` runs, in order. Each prints one line
+/// `hostile <case> <outcome>`; see [`hostile_outcomes`].
+pub const HOSTILE_CASES: &[&str] = &[
+    "data-beyond-ram-in",
+    "data-beyond-ram-out",
+    "data-at-4g-top-in",
+    "data-wraps-in",
+    "header-beyond-ram",
+    "status-beyond-ram",
+    "chain-loop",
+    "chain-self-loop",
+    "chain-longer-than-queue",
+    "next-out-of-range",
+    "head-out-of-range",
+    "avail-idx-far-ahead",
+    "len-absurd-in",
+    "len-absurd-out",
+    "len-not-sector-multiple-in",
+    "header-short-in",
+    "header-short-out",
+    "header-device-writable",
+    "status-missing-in",
+    "status-zero-length",
+    "no-writable-descriptor-out",
+    "indirect-not-negotiated",
+    "type-0x55",
+    "sector-beyond-capacity-in",
+    "sector-beyond-capacity-out",
+    "notify-bad-queue",
+    "garbage-registers",
+    "status-bits-cleared",
+    "queue-num-above-max",
+    "queue-moved-while-running",
+    "queue-ready-cleared-while-running",
+];
+
+/// The outcome of each hostile case as reported (`status=<n>`, `status=none`,
+/// `dropped`, `needs-reset`, `refused`, possibly followed by ` needs-reset`), in
+/// [`HOSTILE_CASES`] order. `Err` names a case that has no line or an outcome that is not
+/// one of those.
+pub fn hostile_outcomes(report: &[String]) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for case in HOSTILE_CASES {
+        let prefix = format!("hostile {case} ");
+        let l = report
+            .iter()
+            .find(|l| l.starts_with(&prefix))
+            .ok_or_else(|| format!("no report line for hostile case {case}"))?;
+        let outcome = l[prefix.len()..].to_string();
+        let first = outcome.split(' ').next().unwrap_or("");
+        let known = matches!(first, "dropped" | "needs-reset" | "refused" | "status=none")
+            || first
+                .strip_prefix("status=")
+                .is_some_and(|n| n.parse::<u8>().is_ok());
+        if !known {
+            return Err(format!("hostile case {case}: unknown outcome `{outcome}`"));
+        }
+        out.push((case.to_string(), outcome));
+    }
+    Ok(out)
+}
+
+/// The places `test=hostile` writes validly: blocks 0..=4 hold generation-5
+/// [`basic_block`]s. The invalid writes aim at blocks 16..=19 (and past the end of the
+/// disk) and must leave them untouched, like the rest of the disk.
+pub fn hostile_writes() -> Vec<(u64, Expect)> {
+    (0..5)
+        .map(|k| (k * BLOCK, Expect::Bytes(basic_block(k, 5))))
+        .collect()
+}
