@@ -354,3 +354,34 @@ fn hostile_driver_leaves_the_disk_alone() {
     let raw = qemu::to_raw(&disk);
     guest::check_disk(&raw, &guest::hostile_writes()).unwrap_or_else(|e| panic!("{e}"));
 }
+
+#[test]
+fn hostile_guest_names_a_write_that_landed() {
+    // Negative control for the guest's own disk check: QEMU reads a data buffer beyond
+    // RAM as zeros and writes them, so on a disk whose block 16 is not zero the guest
+    // must name that case (and fail the final check).
+    let elf = require_guest!();
+    let dir = tempdir();
+    let disk = new_disk(dir.path(), "hostile-filled.qcow2");
+    qemu::io("qcow2", &disk, &["write -q -P 0x61 64k 32k"]);
+    let run = boot(
+        &elf,
+        "test=hostile",
+        &format!("file={},format=qcow2", s(&disk)),
+        false,
+        Duration::from_secs(120),
+    );
+    assert_powered_off(&run);
+    let r = guest::report(&run.serial);
+    let fails: Vec<&String> = r.iter().filter(|l| l.starts_with("FAIL")).collect();
+    assert_eq!(
+        fails,
+        [
+            "FAIL hostile data-beyond-ram-out changed block 16",
+            "FAIL hostile-final blocks 16..23 changed",
+            "FAIL",
+        ],
+        "{}",
+        run.serial
+    );
+}
