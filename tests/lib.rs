@@ -10,6 +10,7 @@
 //! - [`pattern`]: position-dependent data, so misplaced bytes are caught,
 //! - [`Model`]: an in-memory disk that random operation sequences are mirrored into,
 //! - [`qcow2`]: a tiny header reader/patcher used to build corrupted images,
+//! - [`vmm_guest`]: the bare-metal test guest (build, serial report, expected disk),
 //! - byte comparison that reports the first differing offset, seeds that can be replayed,
 //!   and whole-disk reads through the library.
 
@@ -26,6 +27,8 @@ pub mod qemu;
 pub mod qmp;
 #[path = "support/stamps.rs"]
 pub mod stamps;
+#[path = "support/vmm_guest.rs"]
+pub mod vmm_guest;
 
 /// One mebibyte.
 pub const MIB: u64 = 1 << 20;
