@@ -20,14 +20,18 @@
 //! - [`blockdev_options`]: `--blockdev` / `blockdev-add` options, key=value and JSON.
 //! - [`virtio_blk`]: a virtio-blk queue in guest memory made of the input, processed
 //!   by the device on an in-memory disk.
+//! - [`virtio_mmio`]: strata-vm's virtio-mmio register file under a script of hostile
+//!   guest register accesses, memory stores and queue processing.
 
 mod blockdev;
+mod disk;
 mod header;
 mod model;
 mod open;
 mod pattern;
 mod qmp_json;
 mod virtio_blk;
+mod virtio_mmio;
 
 pub use blockdev::blockdev_options;
 pub use header::qcow2_header;
@@ -35,6 +39,7 @@ pub use model::{qcow2_model, raw_model};
 pub use open::qcow2_open;
 pub use qmp_json::qmp_json;
 pub use virtio_blk::virtio_blk;
+pub use virtio_mmio::virtio_mmio;
 
 /// The most an in-memory image under test may grow to. Drivers that try to write past it
 /// get an error from the storage, never more memory.
@@ -52,4 +57,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("qmp_json", qmp_json),
     ("blockdev_options", blockdev_options),
     ("virtio_blk", virtio_blk),
+    ("virtio_mmio", virtio_mmio),
 ];

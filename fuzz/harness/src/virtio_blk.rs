@@ -7,57 +7,15 @@
 //! disk outside its capacity (the backend checks), and every chain it takes off the
 //! available ring is put on the used ring with a length that fits the chain.
 
-use std::sync::Mutex;
-
-use strata_virtio_blk::{BackendError, BlockBackend, DeviceOptions, VirtioBlk};
+use strata_virtio_blk::{DeviceOptions, VirtioBlk};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::disk::MemDisk;
 
 const MEM: usize = 64 << 10;
 const DISK: u64 = 1 << 20;
 const QSIZE: u16 = 16;
-
-struct Disk(Mutex<Vec<u8>>);
-
-impl Disk {
-    fn range(&self, offset: u64, len: u64) -> Result<std::ops::Range<usize>, BackendError> {
-        let end = offset
-            .checked_add(len)
-            .expect("device sent an overflowing range");
-        assert!(end <= DISK, "device went past the capacity: {offset}+{len}");
-        Ok(offset as usize..end as usize)
-    }
-}
-
-impl BlockBackend for Disk {
-    fn size(&self) -> u64 {
-        DISK
-    }
-    fn read_only(&self) -> bool {
-        false
-    }
-    fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), BackendError> {
-        let r = self.range(offset, buf.len() as u64)?;
-        buf.copy_from_slice(&self.0.lock().unwrap_or_else(|e| e.into_inner())[r]);
-        Ok(())
-    }
-    fn write(&self, buf: &[u8], offset: u64) -> Result<(), BackendError> {
-        let r = self.range(offset, buf.len() as u64)?;
-        self.0.lock().unwrap_or_else(|e| e.into_inner())[r].copy_from_slice(buf);
-        Ok(())
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> Result<(), BackendError> {
-        let r = self.range(offset, len)?;
-        self.0.lock().unwrap_or_else(|e| e.into_inner())[r].fill(0);
-        Ok(())
-    }
-    fn discard(&self, offset: u64, len: u64) -> Result<(), BackendError> {
-        self.range(offset, len).map(|_| ())
-    }
-    fn flush(&self) -> Result<(), BackendError> {
-        Ok(())
-    }
-}
 
 /// The `virtio_blk` target.
 pub fn virtio_blk(data: &[u8]) {
@@ -75,7 +33,7 @@ pub fn virtio_blk(data: &[u8]) {
         max_dwz_segments: 4,
         ..DeviceOptions::default()
     };
-    let Ok(dev) = VirtioBlk::new(Disk(Mutex::new(vec![0; DISK as usize])), opts) else {
+    let Ok(dev) = VirtioBlk::new(MemDisk::new(DISK as usize, false), opts) else {
         return;
     };
     let Ok(mut q) = Queue::new(QSIZE) else {
