@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use strata_tests::qmp::Qmp;
+use strata_tests::vmm_guest as vg;
 use strata_tests::{qemu, require_qemu, s, stamps, tempdir};
 
 /// Why KVM cannot be used, if it cannot.
@@ -107,7 +108,10 @@ struct Vm {
     child: Child,
     qmp: PathBuf,
     lines: Arc<Mutex<Vec<String>>>,
+    /// strata-vm's own log lines (stderr), echoed to the test's stderr as they come.
+    log: Arc<Mutex<Vec<String>>>,
     reader: Option<std::thread::JoinHandle<()>>,
+    log_reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Vm {
@@ -120,8 +124,14 @@ impl Vm {
     /// [`Vm::start`] with `smp` vCPUs (the guest runs on the first; the others wait
     /// for a startup IPI that never comes, which pausing and resetting must handle).
     fn start_smp(dir: &Path, test: &str, disk: &[String], smp: u8) -> Vm {
+        Vm::start_with(dir, test, disk, smp, &[])
+    }
+
+    /// [`Vm::start_smp`] with `extra` strata-vm arguments (e.g. `-S`).
+    fn start_with(dir: &Path, test: &str, disk: &[String], smp: u8, extra: &[&str]) -> Vm {
         let qmp = dir.join("qmp.sock");
         let mut child = Command::new(vm_bin())
+            .args(extra)
             .args(["--smp", &smp.to_string()])
             .arg("--kernel")
             .arg(guest().expect("checked by require_vm"))
@@ -132,9 +142,20 @@ impl Vm {
             .arg(format!("unix:{},server=on,wait=off", s(&qmp)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start strata-vm");
+        let err = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let log2 = log.clone();
+        let log_reader = std::thread::spawn(move || {
+            for line in BufReader::new(err).split(b'\n') {
+                let Ok(line) = line else { break };
+                let text = String::from_utf8_lossy(&line).into_owned();
+                eprintln!("{text}");
+                log2.lock().unwrap().push(text);
+            }
+        });
         let out = child.stdout.take().expect("stdout");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let l2 = lines.clone();
@@ -164,7 +185,22 @@ impl Vm {
             child,
             qmp,
             lines,
+            log,
             reader: Some(reader),
+            log_reader: Some(log_reader),
+        }
+    }
+
+    /// Waits (bounded) until the console has a line equal to `want`.
+    fn wait_line(&self, want: &str, limit: Duration) {
+        let t = Instant::now();
+        while !self.lines().iter().any(|l| l == want) {
+            assert!(
+                t.elapsed() < limit,
+                "no console line {want:?} after {limit:?}: {:?}",
+                self.lines()
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -200,7 +236,15 @@ impl Vm {
         if let Some(r) = self.reader.take() {
             let _ = r.join();
         }
+        if let Some(r) = self.log_reader.take() {
+            let _ = r.join();
+        }
         (st, self.lines())
+    }
+
+    /// strata-vm's log lines so far.
+    fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
     }
 }
 
@@ -306,6 +350,114 @@ fn basic_model(size: usize) -> Vec<u8> {
     m
 }
 
+/// How strata-vm's device answers each case of `test=hostile` (the "strata-vm" column of
+/// tests/vmm_guest/README.md). Where it differs from QEMU it fails the request with
+/// IOERR (an address outside guest RAM), completes the chain without a status (a chain
+/// it cannot parse: no writable status byte, a loop, an absurd length), skips a head
+/// outside the table (`dropped`), refuses a queue size above the maximum (the queue never
+/// becomes ready: `dropped`) or sets DEVICE_NEEDS_RESET (an available index further
+/// ahead than the queue size).
+const STRATA_HOSTILE: &[(&str, &str)] = &[
+    ("data-beyond-ram-in", "status=1"),
+    ("data-beyond-ram-out", "status=1"),
+    ("data-at-4g-top-in", "status=1"),
+    ("data-wraps-in", "status=1"),
+    ("header-beyond-ram", "status=1"),
+    ("status-beyond-ram", "status=none"),
+    ("chain-loop", "status=none"),
+    ("chain-self-loop", "status=none"),
+    ("chain-longer-than-queue", "status=none"),
+    ("next-out-of-range", "status=none"),
+    ("head-out-of-range", "dropped"),
+    ("avail-idx-far-ahead", "needs-reset"),
+    ("len-absurd-in", "status=none"),
+    ("len-absurd-out", "status=none"),
+    ("len-not-sector-multiple-in", "status=1"),
+    ("header-short-in", "status=1"),
+    ("header-short-out", "status=1"),
+    ("header-device-writable", "status=1"),
+    ("status-missing-in", "status=none"),
+    ("status-zero-length", "status=none"),
+    ("no-writable-descriptor-out", "status=none"),
+    ("indirect-not-negotiated", "status=0"),
+    ("type-0x55", "status=2"),
+    ("sector-beyond-capacity-in", "status=1"),
+    ("sector-beyond-capacity-out", "status=1"),
+    ("notify-bad-queue", "status=0"),
+    ("garbage-registers", "status=0"),
+    ("status-bits-cleared", "status=0"),
+    ("queue-num-above-max", "dropped"),
+    ("queue-moved-while-running", "status=0"),
+    ("queue-ready-cleared-while-running", "status=0"),
+];
+
+#[test]
+fn hostile_guest_gets_errors_and_the_disk_changes_only_where_it_may() {
+    require_vm!();
+    let dir = tempdir();
+    let image = qcow2(dir.path(), "64M");
+    // Block 16..19 (the invalid writes' targets) hold data, so a write of zeros or of
+    // pattern data there would show; the rest of the disk is zero.
+    qemu::io("qcow2", &image, &["write -P 0x6b 64k 16k"]);
+    // end=halt: the guest halts instead of powering off, so the monitor can be asked
+    // how the VM is after the hostile cases.
+    let vm = Vm::start_with(
+        dir.path(),
+        "hostile end=halt",
+        &drive(&image, ""),
+        1,
+        &["-S"],
+    );
+    let mut q = Qmp::connect(&vm.qmp);
+    let r = q.cmd(serde_json::json!({"execute": "cont"}));
+    assert!(r.get("return").is_some(), "{r}");
+    vm.wait_line("halt", Duration::from_secs(120));
+    let lines = vm.lines();
+    assert!(
+        lines.iter().any(|l| l == "hostile done"),
+        "no `hostile done`: {lines:?}"
+    );
+    assert_pass(&lines);
+    let outcomes = vg::hostile_outcomes(&lines).unwrap_or_else(|e| panic!("{e}: {lines:?}"));
+    assert_eq!(outcomes.len(), STRATA_HOSTILE.len());
+    for ((case, got), (want_case, want)) in outcomes.iter().zip(STRATA_HOSTILE) {
+        assert_eq!(case, want_case);
+        assert_eq!(
+            got, want,
+            "hostile case {case}: strata-vm answered `{got}`, documented `{want}`"
+        );
+    }
+    // The VMM is still there and running; its log did not grow with the guest's attempts.
+    let r = q.cmd(serde_json::json!({"execute": "query-status"}));
+    assert_eq!(
+        r["return"],
+        serde_json::json!({"running": true, "status": "running"}),
+        "{r}"
+    );
+    let log = vm.log();
+    assert!(
+        !log.iter().any(|l| l.contains("panicked")),
+        "strata-vm panicked: {log:?}"
+    );
+    assert!(
+        log.len() <= 12,
+        "{} log lines for one hostile run: {log:?}",
+        log.len()
+    );
+    let r = q.cmd(serde_json::json!({"execute": "quit"}));
+    assert!(r.get("return").is_some(), "{r}");
+    let (st, _) = vm.wait(Duration::from_secs(30));
+    assert!(st.success(), "strata-vm exited with {st}");
+    assert_clean(&image);
+    let disk = qemu::to_raw(&image);
+    let mut want = vg::hostile_writes();
+    want.push((
+        16 * vg::BLOCK,
+        vg::Expect::Bytes(vec![0x6b; 4 * vg::BLOCK as usize]),
+    ));
+    vg::check_disk(&disk, &want).unwrap_or_else(|e| panic!("hostile run: {e}"));
+}
+
 #[test]
 fn read_only_drive_refuses_writes_and_stays_unchanged() {
     require_vm!();
@@ -360,8 +512,18 @@ fn werror_stop_pauses_the_vm_and_cont_retries_the_write() {
         "--device".into(),
         "virtio-blk-device,drive=dbg,id=vd0,werror=stop,num-queues=2".into(),
     ];
-    let vm = Vm::start(dir.path(), "basic", &disk);
+    // -S: the monitor is connected before the guest runs, so no event is missed.
+    let vm = Vm::start_with(dir.path(), "basic", &disk, 1, &["-S"]);
     let mut q = Qmp::connect(&vm.qmp);
+    let r = q.cmd(serde_json::json!({"execute": "query-status"}));
+    assert_eq!(
+        r["return"],
+        serde_json::json!({"running": false, "status": "paused"})
+    );
+    assert!(vm.lines().is_empty(), "the guest ran before cont");
+    let r = q.cmd(serde_json::json!({"execute": "cont"}));
+    assert!(r.get("return").is_some(), "{r}");
+    q.wait_event("RESUME");
     let ev = q.wait_event("BLOCK_IO_ERROR");
     assert_eq!(ev["data"]["operation"], "write", "{ev}");
     assert_eq!(ev["data"]["action"], "stop", "{ev}");

@@ -140,10 +140,10 @@ impl std::fmt::Debug for Control {
 }
 
 impl Control {
-    fn new() -> std::io::Result<Self> {
+    fn new(paused: bool) -> std::io::Result<Self> {
         Ok(Control {
             st: Mutex::new(CtlState {
-                want: Want::Run,
+                want: if paused { Want::Pause } else { Want::Run },
                 parked: 0,
                 exit: None,
                 internal_error: None,
@@ -242,6 +242,8 @@ pub struct VmConfig {
     pub serial_stdin: bool,
     /// Exit when the guest resets instead of rebooting it (QEMU's `-no-reboot`).
     pub no_reboot: bool,
+    /// Start with the vCPUs stopped (QEMU's `-S`): the VM is `paused` until `cont`.
+    pub start_paused: bool,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -561,7 +563,7 @@ impl Vm {
         let mem = Arc::new(memory::create(cfg.memory)?);
         memory::register(&vm, &mem)?;
 
-        let ctl = Arc::new(Control::new().map_err(|e| VmError::Os(e.to_string()))?);
+        let ctl = Arc::new(Control::new(cfg.start_paused).map_err(|e| VmError::Os(e.to_string()))?);
         let events: EventSlot = Arc::new(OnceLock::new());
         let mut disks = Vec::new();
         for (i, d) in cfg.disks.into_iter().enumerate() {
@@ -597,7 +599,11 @@ impl Vm {
             no_reboot: cfg.no_reboot,
             vcpus: Mutex::new(Vec::new()),
             disks,
-            state: Mutex::new(RunState::Running),
+            state: Mutex::new(if cfg.start_paused {
+                RunState::Paused
+            } else {
+                RunState::Running
+            }),
             events,
         });
         for d in &core.disks {
