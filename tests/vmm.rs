@@ -818,3 +818,66 @@ fn live_backup(format: &str) {
         assert_clean(&image);
     }
 }
+
+#[test]
+fn system_powerdown_presses_the_acpi_power_button() {
+    require_vm!();
+    let dir = tempdir();
+    let image = qcow2(dir.path(), "64M");
+    let vm = Vm::start(dir.path(), "powerbutton", &drive(&image, ""));
+    let mut q = Qmp::connect(&vm.qmp);
+    let t = Instant::now();
+    while !vm
+        .lines()
+        .iter()
+        .any(|l| l.starts_with("powerbutton waiting"))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the guest did not find the GED: {:?}",
+            vm.lines()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let waiting = vm.lines();
+    let line = waiting
+        .iter()
+        .find(|l| l.starts_with("powerbutton waiting"))
+        .unwrap();
+    assert_eq!(
+        vg::field(line, "ged"),
+        Some(format!("0x{:08x}", strata_vm::layout::GED_MMIO_ADDR).as_str()),
+        "{line}"
+    );
+    // Nothing is pending before the button is pressed.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !vm.lines()
+            .iter()
+            .any(|l| l.starts_with("powerbutton pressed")),
+        "{:?}",
+        vm.lines()
+    );
+    let r = q.cmd(serde_json::json!({"execute": "system_powerdown"}));
+    assert!(r.get("return").is_some(), "{r}");
+    q.wait_event("POWERDOWN");
+    let ev = q.wait_event("SHUTDOWN");
+    assert_eq!(
+        ev["data"],
+        serde_json::json!({"guest": true, "reason": "guest-shutdown"})
+    );
+    drop(q);
+    let (st, lines) = vm.wait(Duration::from_secs(30));
+    assert!(
+        st.success(),
+        "strata-vm exited with {st}; console: {lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l == "powerbutton pressed sel=0x00000002"),
+        "{lines:?}"
+    );
+    assert_pass(&lines);
+    assert_clean(&image);
+}
