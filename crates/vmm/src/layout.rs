@@ -103,8 +103,8 @@ mod tests {
     fn the_ged_has_its_own_window_and_gsi() {
         let last = VIRTIO_MMIO_MAX - 1;
         assert!(GED_MMIO_ADDR >= virtio_mmio_addr(last) + VIRTIO_MMIO_SIZE);
-        assert!(GED_MMIO_ADDR + GED_MMIO_SIZE <= IOAPIC_ADDR);
-        assert!(GED_EVT_SEL_OFFSET + GED_EVT_SEL_LEN <= GED_MMIO_SIZE);
+        const { assert!(GED_MMIO_ADDR + GED_MMIO_SIZE <= IOAPIC_ADDR) };
+        const { assert!(GED_EVT_SEL_OFFSET + GED_EVT_SEL_LEN <= GED_MMIO_SIZE) };
         assert!(GED_GSI > virtio_mmio_gsi(last) && GED_GSI < IOAPIC_PINS);
         assert_ne!(GED_GSI, COM1_GSI);
     }
