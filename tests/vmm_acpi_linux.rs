@@ -35,6 +35,8 @@ fn microvm_config(cpus: u8) -> AcpiConfig {
                 gsi: 16 + i,
             })
             .collect(),
+        // microvm has its own GED, elsewhere and with other events; not described.
+        ged: None,
     }
 }
 

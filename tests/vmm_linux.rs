@@ -155,6 +155,10 @@ fn boot_and_check(kernel: &Path, deadline: Duration) {
             size: layout::VIRTIO_MMIO_SIZE,
             gsi: layout::virtio_mmio_gsi(0),
         }],
+        ged: Some(strata_vm::acpi::GedDevice {
+            addr: layout::GED_MMIO_ADDR,
+            gsi: layout::GED_GSI,
+        }),
     })
     .unwrap();
     // (Linux reads the XSDT; the RSDT is only there for 32-bit-only readers.)

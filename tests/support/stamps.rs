@@ -16,19 +16,94 @@ pub fn block_of(n: u64, blocks: u64) -> u64 {
     ((n - 1) * 37) % blocks
 }
 
+/// Why a copy is not a state the stamp workload passed through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inconsistency {
+    /// Block `block` holds stamp `holds`, older than the `want` it held once stamp `high`
+    /// (the highest in the copy) was written: the copy mixes moments.
+    Stale {
+        /// The block.
+        block: u64,
+        /// The stamp it holds.
+        holds: u64,
+        /// The stamp it held at the moment of `high`.
+        want: u64,
+        /// The highest stamp in the copy.
+        high: u64,
+    },
+    /// Anything else (torn block, foreign data, wrong size).
+    Other(String),
+}
+
+impl std::fmt::Display for Inconsistency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Inconsistency::Stale {
+                block,
+                holds,
+                want,
+                high,
+            } => write!(
+                f,
+                "block {block} holds stamp {holds}, but the state at stamp {high} has {want}"
+            ),
+            Inconsistency::Other(s) => f.write_str(s),
+        }
+    }
+}
+
 /// Checks that `disk` is a state the stamp workload over `blocks` blocks passed
 /// through: for the highest stamp H found, block b holds the last stamp n <= H with
 /// `block_of(n) == b`, and everything else is zero. Returns H.
 pub fn check(disk: &[u8], blocks: u64) -> Result<u64, String> {
+    check_detailed(disk, blocks).map_err(|e| e.to_string())
+}
+
+/// Reads the file at `path` while something else writes it, the way a naive copy of a
+/// live disk does: `chunk` bytes at a time with `pause` after each, in a scattered
+/// order (chunk `i * 29 mod n` as the i-th read; 29 is odd, so with a power-of-two
+/// number of chunks each is read once), as a copy tool with several workers would. A
+/// writer that moves through the disk in one direction cannot keep up with such a
+/// reader, so its writes land both in chunks already copied and in chunks still to come.
+pub fn read_live(
+    path: &std::path::Path,
+    chunk: usize,
+    pause: std::time::Duration,
+) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len() as usize;
+    let n = len.div_ceil(chunk);
+    let mut out = vec![0u8; len];
+    let mut seen = vec![false; n];
+    for i in 0..n {
+        let mut c = (i * 29) % n;
+        while seen[c] {
+            c = (c + 1) % n;
+        }
+        seen[c] = true;
+        let start = c * chunk;
+        let end = (start + chunk).min(len);
+        f.read_exact_at(&mut out[start..end], start as u64)?;
+        std::thread::sleep(pause);
+    }
+    Ok(out)
+}
+
+/// [`check`] with the kind of inconsistency.
+pub fn check_detailed(disk: &[u8], blocks: u64) -> Result<u64, Inconsistency> {
+    use Inconsistency::Other;
     let area = blocks as usize * BLOCK;
     if disk.len() < area {
-        return Err(format!(
+        return Err(Other(format!(
             "disk of {} bytes is smaller than the stamp area",
             disk.len()
-        ));
+        )));
     }
     if blocks % 37 == 0 {
-        return Err("the stamp area must not be a multiple of 37 blocks".into());
+        return Err(Other(
+            "the stamp area must not be a multiple of 37 blocks".into(),
+        ));
     }
     let mut found = Vec::with_capacity(blocks as usize);
     for b in 0..blocks as usize {
@@ -39,7 +114,7 @@ pub fn check(disk: &[u8], blocks: u64) -> Result<u64, String> {
         }
         let line = &blk[..32];
         if blk.chunks(32).any(|c| c != line) {
-            return Err(format!("block {b} is torn"));
+            return Err(Other(format!("block {b} is torn")));
         }
         let text = String::from_utf8_lossy(line);
         let mut it = text.split_whitespace();
@@ -48,10 +123,10 @@ pub fn check(disk: &[u8], blocks: u64) -> Result<u64, String> {
                 .and_then(|x| x.parse().ok())
                 .ok_or(format!("block {b}: not a stamp: {text:?}"))
         };
-        let n = field()?;
-        let idx = field()?;
+        let n = field().map_err(Other)?;
+        let idx = field().map_err(Other)?;
         if idx != b as u64 || n == 0 || block_of(n, blocks) != b as u64 {
-            return Err(format!("block {b} holds stamp {n} of block {idx}"));
+            return Err(Other(format!("block {b} holds stamp {n} of block {idx}")));
         }
         found.push(n);
     }
@@ -67,13 +142,19 @@ pub fn check(disk: &[u8], blocks: u64) -> Result<u64, String> {
             0
         };
         if n != want {
-            return Err(format!(
-                "block {b} holds stamp {n}, but the state at stamp {h} has {want}"
-            ));
+            return Err(Inconsistency::Stale {
+                block: b,
+                holds: n,
+                want,
+                high: h,
+            });
         }
     }
     if let Some(i) = disk[area..].iter().position(|&x| x != 0) {
-        return Err(format!("non-zero byte at {} past the stamp area", area + i));
+        return Err(Other(format!(
+            "non-zero byte at {} past the stamp area",
+            area + i
+        )));
     }
     Ok(h)
 }
@@ -102,7 +183,15 @@ mod tests {
         // A copy that missed stamp 120 (its block still holds 56) is no moment.
         let mut mixed = disk.clone();
         stamp(&mut mixed, 120 - blocks, blocks);
-        assert!(check(&mixed, blocks).is_err());
+        assert_eq!(
+            check_detailed(&mixed, blocks),
+            Err(Inconsistency::Stale {
+                block: block_of(120, blocks),
+                holds: 120 - blocks,
+                want: 120,
+                high: 150
+            })
+        );
         // A torn block.
         let mut torn = disk.clone();
         torn[5 * BLOCK + 100] ^= 1;

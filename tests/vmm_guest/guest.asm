@@ -178,6 +178,7 @@ exc_common:
 %include "work_ro.inc"
 %include "work_stamp.inc"
 %include "work_hostile.inc"
+%include "work_power.inc"
 
 image_end:
 ; The image must stay below the work area.

@@ -133,6 +133,14 @@ impl<B: BlockBackend + 'static> VhostUserBackend for BlkBackend<B> {
                 if run.stopped.is_some() {
                     tracing::warn!(queue = thread_id, "request stopped by the error policy");
                 }
+                if run.ring_invalid || run.bad_heads > 0 {
+                    tracing::warn!(
+                        queue = thread_id,
+                        bad_heads = run.bad_heads,
+                        ring_invalid = run.ring_invalid,
+                        "the frontend's available ring holds invalid entries"
+                    );
+                }
                 if run.notify {
                     if let Err(e) = state.signal_used_queue() {
                         tracing::warn!(queue = thread_id, error = %e, "cannot signal the frontend");

@@ -143,6 +143,13 @@ pub struct QueueRun {
     pub notify: bool,
     /// A request the error policy stopped on (processing stopped there).
     pub stopped: Option<PendingRequest>,
+    /// Chains whose head index is outside the descriptor table: they cannot be
+    /// returned, so they were skipped (the rest of the ring was served). Reported here
+    /// rather than logged, so the transport can rate-limit what a guest triggers.
+    pub bad_heads: usize,
+    /// The available ring claims more entries than the queue holds (an available index
+    /// too far ahead): nothing more was taken from it. Only a reset recovers.
+    pub ring_invalid: bool,
 }
 
 /// Errors of a queue pass (queue memory itself unreadable: the ring is broken).
@@ -556,8 +563,17 @@ impl<B: BlockBackend> VirtioBlk<B> {
         // Chains may be as long as the queue, or as long as `seg_max` allows (through
         // indirect tables) when the transport's queue is smaller than the options say.
         let size = queue.size().max(self.opts.queue_size);
+        let table = queue.size();
         loop {
             queue.disable_notification(mem)?;
+            // Checked here so virtio-queue's own iterator (which logs at error level)
+            // never sees an index the guest pushed too far ahead.
+            let avail = queue.avail_idx(mem, Ordering::Acquire)?.0;
+            if avail.wrapping_sub(queue.next_avail()) > table {
+                run.ring_invalid = true;
+                queue.enable_notification(mem)?;
+                break;
+            }
             let mut popped = 0usize;
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
                 popped += 1;
@@ -565,8 +581,8 @@ impl<B: BlockBackend> VirtioBlk<B> {
                     Outcome::Done(c) => {
                         // A head outside the descriptor table cannot be returned;
                         // skip it and keep serving the rest of the ring.
-                        if let Err(e) = queue.add_used(mem, c.head, c.len) {
-                            tracing::warn!(head = c.head, error = %e, "cannot return a chain");
+                        if c.head >= table || queue.add_used(mem, c.head, c.len).is_err() {
+                            run.bad_heads += 1;
                             continue;
                         }
                         run.completed += 1;
@@ -583,11 +599,10 @@ impl<B: BlockBackend> VirtioBlk<B> {
             if !queue.enable_notification(mem)? {
                 break;
             }
-            // The ring claims more available entries than the queue would hand out (an
-            // available index too far ahead, a head outside the table): without
-            // progress, stop rather than spin; the next kick tries again.
+            // The ring claims more available entries than the queue would hand out:
+            // without progress, stop rather than spin.
             if popped == 0 {
-                tracing::warn!("virtqueue available ring is invalid; not processing it");
+                run.ring_invalid = true;
                 queue.enable_notification(mem)?;
                 break;
             }

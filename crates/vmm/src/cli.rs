@@ -3,7 +3,7 @@
 //! `--drive file=...,format=...,if=virtio|none,id=...,readonly=on|off,cache=...`,
 //! `--blockdev` (as `strata-storage-daemon` parses it), `--device virtio-blk-device,
 //! drive=NODE,...`, `--qmp unix:PATH,server=on,wait=off`, `--serial stdio|file:PATH|none`,
-//! `--no-reboot`.
+//! `--no-reboot`, `-S`.
 
 use std::path::PathBuf;
 
@@ -62,6 +62,10 @@ pub struct Args {
     /// Exit when the guest resets instead of rebooting it.
     #[arg(long = "no-reboot")]
     pub no_reboot: bool,
+    /// Do not start the vCPUs: the VM waits in the `paused` state for QMP `cont`
+    /// (QEMU's `-S`), so a monitor can connect before the guest runs.
+    #[arg(short = 'S')]
+    pub start_paused: bool,
 }
 
 /// Where the console goes.

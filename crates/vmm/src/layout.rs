@@ -30,6 +30,26 @@ pub const VIRTIO_MMIO_MAX: usize = 16;
 /// active high, delivered through the I/O APIC by an irqfd).
 pub const VIRTIO_MMIO_GSI_BASE: u32 = 5;
 
+/// The ACPI Generic Event Device's register window (MMIO, right after the last
+/// virtio-mmio window). It holds one register, at offset
+/// [`GED_EVT_SEL_OFFSET`]: the 32-bit event selector, as in QEMU's GED. A 4-byte read
+/// returns the pending event bits ([`GED_PWR_DOWN_EVT`]: the power button was
+/// pressed) and clears them; writes and other accesses are ignored (reads as zero).
+/// The DSDT's GED reads it in `_EVT` through an `OperationRegion` (SystemMemory).
+pub const GED_MMIO_ADDR: u64 = VIRTIO_MMIO_BASE + VIRTIO_MMIO_MAX as u64 * VIRTIO_MMIO_SIZE;
+/// Size of the GED's window (one page; only the first 4 bytes are a register).
+pub const GED_MMIO_SIZE: u64 = 0x1000;
+/// Offset of the event selector register in the GED window.
+pub const GED_EVT_SEL_OFFSET: u64 = 0;
+/// Length of the event selector register.
+pub const GED_EVT_SEL_LEN: u64 = 4;
+/// Event selector bit: a power-down request (`system_powerdown`); `_EVT` notifies the
+/// power button device (`PNP0C0C`) with 0x80.
+pub const GED_PWR_DOWN_EVT: u32 = 0x2;
+/// GSI of the GED's interrupt (edge triggered, active high, raised through an irqfd
+/// whenever an event bit is set): the last I/O APIC pin, after the virtio-mmio GSIs.
+pub const GED_GSI: u32 = 23;
+
 /// Physical address of the I/O APIC.
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// Physical address of the local APICs.
@@ -77,5 +97,15 @@ mod tests {
         assert!(virtio_mmio_addr(0) >= MMIO_GAP_START);
         assert!(virtio_mmio_gsi(last) < IOAPIC_PINS);
         const { assert!(COM1_GSI < VIRTIO_MMIO_GSI_BASE) };
+    }
+
+    #[test]
+    fn the_ged_has_its_own_window_and_gsi() {
+        let last = VIRTIO_MMIO_MAX - 1;
+        assert!(GED_MMIO_ADDR >= virtio_mmio_addr(last) + VIRTIO_MMIO_SIZE);
+        const { assert!(GED_MMIO_ADDR + GED_MMIO_SIZE <= IOAPIC_ADDR) };
+        const { assert!(GED_EVT_SEL_OFFSET + GED_EVT_SEL_LEN <= GED_MMIO_SIZE) };
+        assert!(GED_GSI > virtio_mmio_gsi(last) && GED_GSI < IOAPIC_PINS);
+        assert_ne!(GED_GSI, COM1_GSI);
     }
 }

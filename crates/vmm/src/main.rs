@@ -143,6 +143,7 @@ fn main() -> ExitCode {
         serial_out,
         serial_stdin: serial == SerialBackend::Stdio,
         no_reboot: args.no_reboot,
+        start_paused: args.start_paused,
     };
     let mut vm = match Vm::create(cfg) {
         Ok(vm) => vm,

@@ -20,10 +20,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, BootSpec};
 use crate::devices::block::{Disk, DiskConfig};
+use crate::devices::ged::Ged;
 use crate::devices::serial::{Output, SerialDevice, StdinInput};
 use crate::devices::Bus;
 use crate::layout::{
-    virtio_mmio_addr, virtio_mmio_gsi, COM1_GSI, VIRTIO_MMIO_MAX, VIRTIO_MMIO_SIZE,
+    virtio_mmio_addr, virtio_mmio_gsi, COM1_GSI, GED_GSI, GED_MMIO_ADDR, VIRTIO_MMIO_MAX,
+    VIRTIO_MMIO_SIZE,
 };
 use crate::memory::{self, GuestMemory};
 use crate::vcpu::{self, VcpuThread};
@@ -140,10 +142,10 @@ impl std::fmt::Debug for Control {
 }
 
 impl Control {
-    fn new() -> std::io::Result<Self> {
+    fn new(paused: bool) -> std::io::Result<Self> {
         Ok(Control {
             st: Mutex::new(CtlState {
-                want: Want::Run,
+                want: if paused { Want::Pause } else { Want::Run },
                 parked: 0,
                 exit: None,
                 internal_error: None,
@@ -242,6 +244,8 @@ pub struct VmConfig {
     pub serial_stdin: bool,
     /// Exit when the guest resets instead of rebooting it (QEMU's `-no-reboot`).
     pub no_reboot: bool,
+    /// Start with the vCPUs stopped (QEMU's `-S`): the VM is `paused` until `cont`.
+    pub start_paused: bool,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -294,6 +298,7 @@ pub struct VmCore {
     no_reboot: bool,
     vcpus: Mutex<Vec<VcpuThread>>,
     disks: Vec<Disk>,
+    ged: Arc<Ged>,
     state: Mutex<RunState>,
     events: EventSlot,
 }
@@ -428,9 +433,11 @@ impl VmCore {
         Ok(())
     }
 
-    /// QMP `system_powerdown`: emits `POWERDOWN`. The machine has no ACPI power
-    /// button device, so the guest is not told; it keeps running.
+    /// QMP `system_powerdown`: presses the ACPI power button (the GED's power-down
+    /// event and interrupt; the guest's `_EVT` notifies `PWRB`) and emits `POWERDOWN`.
+    /// What happens next is up to the guest, as in QEMU.
     pub fn powerdown(&self) {
+        self.ged.power_button();
         self.emit("POWERDOWN", None);
     }
 
@@ -443,6 +450,7 @@ impl VmCore {
             return Err("the VM is shutting down".into());
         }
         self.park_vcpus(Want::Pause);
+        self.ged.reset();
         for d in &self.disks {
             let mut t = d.transport.lock().unwrap_or_else(|e| e.into_inner());
             t.reset();
@@ -527,6 +535,10 @@ fn setup_acpi(
                 gsi: virtio_mmio_gsi(i),
             })
             .collect(),
+        ged: Some(crate::acpi::GedDevice {
+            addr: GED_MMIO_ADDR,
+            gsi: GED_GSI,
+        }),
     };
     crate::acpi::setup_tables(mem, &cfg)
         .map(Some)
@@ -561,7 +573,7 @@ impl Vm {
         let mem = Arc::new(memory::create(cfg.memory)?);
         memory::register(&vm, &mem)?;
 
-        let ctl = Arc::new(Control::new().map_err(|e| VmError::Os(e.to_string()))?);
+        let ctl = Arc::new(Control::new(cfg.start_paused).map_err(|e| VmError::Os(e.to_string()))?);
         let events: EventSlot = Arc::new(OnceLock::new());
         let mut disks = Vec::new();
         for (i, d) in cfg.disks.into_iter().enumerate() {
@@ -571,6 +583,10 @@ impl Vm {
         vm.register_irqfd(&serial_irq, COM1_GSI)
             .map_err(kvm_err("serial irqfd"))?;
         let serial = SerialDevice::new(serial_irq, cfg.serial_out);
+        let ged_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Os(e.to_string()))?;
+        vm.register_irqfd(&ged_irq, GED_GSI)
+            .map_err(kvm_err("GED irqfd"))?;
+        let ged = Arc::new(Ged::new(Arc::new(ged_irq)));
 
         let rsdp = setup_acpi(&mem, cfg.vcpus, disks.len())?;
         let entry = boot::load(&mem, &cfg.boot, rsdp)?;
@@ -588,6 +604,7 @@ impl Vm {
             serial,
             mmio: disks.iter().map(|d| d.transport.clone()).collect(),
             memory: mem.clone(),
+            ged: ged.clone(),
         });
         let core = Arc::new(VmCore {
             ctl,
@@ -597,7 +614,12 @@ impl Vm {
             no_reboot: cfg.no_reboot,
             vcpus: Mutex::new(Vec::new()),
             disks,
-            state: Mutex::new(RunState::Running),
+            ged,
+            state: Mutex::new(if cfg.start_paused {
+                RunState::Paused
+            } else {
+                RunState::Running
+            }),
             events,
         });
         for d in &core.disks {

@@ -2,7 +2,9 @@
 //!
 //! Only what the VMM's DSDT uses is here: scopes, devices, named objects, integers,
 //! strings, EISA ids, packages, and buffers holding resource templates (I/O ports, IRQs,
-//! fixed 32-bit memory ranges, extended interrupts). Encodings follow the AML grammar and
+//! fixed 32-bit memory ranges, extended interrupts); for the Generic Event Device an
+//! operation region with a field, a method, `If`, `And`, `LEqual`, `Store`, `Local0`
+//! and `Notify`. Encodings follow the AML grammar and
 //! the resource data types of the ACPI 6.x specification (chapters 19 and 6.4).
 //!
 //! Every function returns the encoded bytes; callers concatenate them. Names are fixed by
@@ -41,6 +43,25 @@ const ROOT_CHAR: u8 = b'\\';
 const DUAL_NAME_PREFIX: u8 = 0x2e;
 /// `MultiNamePrefix`.
 const MULTI_NAME_PREFIX: u8 = 0x2f;
+
+/// `MethodOp`.
+const METHOD_OP: u8 = 0x14;
+/// `Local0Op`.
+const LOCAL0_OP: u8 = 0x60;
+/// `StoreOp`.
+const STORE_OP: u8 = 0x70;
+/// `AndOp`.
+const AND_OP: u8 = 0x7b;
+/// `NotifyOp`.
+const NOTIFY_OP: u8 = 0x86;
+/// `LEqualOp`.
+const LEQUAL_OP: u8 = 0x93;
+/// `IfOp`.
+const IF_OP: u8 = 0xa0;
+/// Second byte of `OpRegionOp` (after [`EXT_OP_PREFIX`]).
+const OP_REGION_OP: u8 = 0x80;
+/// Second byte of `FieldOp` (after [`EXT_OP_PREFIX`]).
+const FIELD_OP: u8 = 0x81;
 
 /// Encodes a `PkgLength` for `content_len` bytes that follow it. The encoded length counts
 /// the `PkgLength` bytes themselves. Panics above the AML limit of 2^28 bytes (the DSDT
@@ -263,6 +284,78 @@ pub fn memory32_fixed(read_write: bool, base: u32, length: u32) -> Vec<u8> {
     out
 }
 
+/// `OperationRegion (name, SystemMemory, offset, length)`.
+pub fn system_memory_region(name: &str, offset: u64, length: u64) -> Vec<u8> {
+    let mut out = vec![EXT_OP_PREFIX, OP_REGION_OP];
+    out.extend(name_string(name));
+    out.push(0x00); // RegionSpace: SystemMemory
+    out.extend(integer(offset));
+    out.extend(integer(length));
+    out
+}
+
+/// `Field (region, DWordAcc, NoLock, WriteAsZeros) { name, bits, ... }`.
+pub fn dword_field(region: &str, fields: &[(&str, u32)]) -> Vec<u8> {
+    let mut inner = name_string(region);
+    inner.push(0x03 | (2 << 5)); // AccessType DWord, NoLock, WriteAsZeros
+    for (name, bits) in fields {
+        inner.extend_from_slice(&name_seg(name));
+        // A NamedField's PkgLength is the bit count itself (it does not count its own
+        // bytes); fields here are below 4096 bits.
+        assert!(*bits < 4096, "AML field of {bits} bits");
+        if *bits < 0x40 {
+            inner.push(*bits as u8);
+        } else {
+            inner.extend_from_slice(&[0x40 | (*bits & 0xf) as u8, (*bits >> 4) as u8]);
+        }
+    }
+    with_pkg_length(&[EXT_OP_PREFIX, FIELD_OP], &inner)
+}
+
+/// `Method (name, args, Serialized|NotSerialized) { body }`.
+pub fn method(name: &str, args: u8, serialized: bool, body: &[u8]) -> Vec<u8> {
+    assert!(args <= 7, "AML methods take at most 7 arguments");
+    let mut inner = name_string(name);
+    inner.push(args | (u8::from(serialized) << 3));
+    inner.extend_from_slice(body);
+    with_pkg_length(&[METHOD_OP], &inner)
+}
+
+/// `If (predicate) { body }`.
+pub fn if_then(predicate: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut inner = predicate.to_vec();
+    inner.extend_from_slice(body);
+    with_pkg_length(&[IF_OP], &inner)
+}
+
+/// `Local0`.
+pub fn local0() -> Vec<u8> {
+    vec![LOCAL0_OP]
+}
+
+/// `Store (source, target)`: `target` is a SuperName (a name or a local).
+pub fn store(source: &[u8], target: &[u8]) -> Vec<u8> {
+    [&[STORE_OP][..], source, target].concat()
+}
+
+/// `And (a, b)` without a target (the result is only used as an operand).
+pub fn and(a: &[u8], b: &[u8]) -> Vec<u8> {
+    [&[AND_OP][..], a, b, &[ZERO_OP]].concat()
+}
+
+/// `LEqual (a, b)`.
+pub fn lequal(a: &[u8], b: &[u8]) -> Vec<u8> {
+    [&[LEQUAL_OP][..], a, b].concat()
+}
+
+/// `Notify (object, value)`.
+pub fn notify(object: &str, value: u64) -> Vec<u8> {
+    let mut out = vec![NOTIFY_OP];
+    out.extend(name_string(object));
+    out.extend(integer(value));
+    out
+}
+
 /// Trigger mode of an [`extended_interrupt`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
@@ -302,6 +395,28 @@ pub fn extended_interrupt(trigger: Trigger, polarity: Polarity, shared: bool, gs
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ged_terms() {
+        assert_eq!(
+            system_memory_region("EREG", 0xd001_0000, 4),
+            b"\x5b\x80EREG\x00\x0c\x00\x00\x01\xd0\x0a\x04".to_vec()
+        );
+        // Field (EREG, DWordAcc, NoLock, WriteAsZeros) { ESEL, 32 }
+        assert_eq!(
+            dword_field("EREG", &[("ESEL", 32)]),
+            b"\x5b\x81\x0bEREG\x43ESEL\x20".to_vec()
+        );
+        assert_eq!(method("_EVT", 1, true, &[]), b"\x14\x06_EVT\x09".to_vec());
+        assert_eq!(
+            if_then(
+                &lequal(&and(&local0(), &integer(2)), &integer(2)),
+                &notify("PWRB", 0x80)
+            ),
+            b"\xa0\x10\x93\x7b\x60\x0a\x02\x00\x0a\x02\x86PWRB\x0a\x80".to_vec()
+        );
+        assert_eq!(store(b"ESEL", &local0()), b"\x70ESEL\x60".to_vec());
+    }
 
     #[test]
     fn pkg_length_forms() {

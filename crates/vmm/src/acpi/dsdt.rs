@@ -16,13 +16,26 @@
 //!             Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { gsi }
 //!         })
 //!     }
+//!     Device (PWRB) { Name (_HID, EisaId ("PNP0C0C")) Name (_UID, 0) }  // with a GED
+//!     Device (GED_) {
+//!         Name (_HID, "ACPI0013") Name (_UID, 0)
+//!         Name (_CRS, ResourceTemplate () {
+//!             Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { gsi }
+//!         })
+//!         OperationRegion (EREG, SystemMemory, addr, 4)
+//!         Field (EREG, DWordAcc, NoLock, WriteAsZeros) { ESEL, 32 }
+//!         Method (_EVT, 1, Serialized) {
+//!             Local0 = ESEL                     // reading clears the events
+//!             If ((Local0 & 2) == 2) { Notify (PWRB, 0x80) }
+//!         }
+//!     }
 //! }
 //! Name (\_S5, Package () { 5, 5, 0, 0 })
 //! ```
 
 use super::aml;
 use super::tables::sdt;
-use super::{AcpiConfig, MmioDevice};
+use super::{AcpiConfig, GedDevice, MmioDevice};
 use crate::layout;
 
 /// DSDT revision: 2 means AML integers are 64 bits wide.
@@ -65,6 +78,47 @@ fn virtio_mmio_device(index: usize, dev: &MmioDevice) -> Vec<u8> {
     aml::device(&format!("V{index:03X}"), &body)
 }
 
+/// `Device (PWRB)`: the ACPI power button (`PNP0C0C`), notified by the GED.
+fn power_button() -> Vec<u8> {
+    let mut body = aml::name("_HID", &aml::eisa_id("PNP0C0C"));
+    body.extend(aml::name("_UID", &aml::integer(0)));
+    aml::device("PWRB", &body)
+}
+
+/// `Device (GED_)`: the Generic Event Device (`ACPI0013`). On its interrupt the OS runs
+/// `_EVT`, which reads the event selector (clearing it) and sends the power button a
+/// 0x80 notification (pressed) when [`layout::GED_PWR_DOWN_EVT`] is set.
+fn ged_device(g: &GedDevice) -> Vec<u8> {
+    let mut body = aml::name("_HID", &aml::string("ACPI0013"));
+    body.extend(aml::name("_UID", &aml::integer(0)));
+    body.extend(aml::name(
+        "_CRS",
+        &aml::resource_template(&[aml::extended_interrupt(
+            aml::Trigger::Edge,
+            aml::Polarity::High,
+            false,
+            g.gsi,
+        )]),
+    ));
+    body.extend(aml::system_memory_region(
+        "EREG",
+        g.addr,
+        layout::GED_EVT_SEL_LEN,
+    ));
+    body.extend(aml::dword_field(
+        "EREG",
+        &[("ESEL", layout::GED_EVT_SEL_LEN as u32 * 8)],
+    ));
+    let bit = aml::integer(u64::from(layout::GED_PWR_DOWN_EVT));
+    let mut evt = aml::store(&aml::name_string("ESEL"), &aml::local0());
+    evt.extend(aml::if_then(
+        &aml::lequal(&aml::and(&aml::local0(), &bit), &bit),
+        &aml::notify("PWRB", 0x80),
+    ));
+    body.extend(aml::method("_EVT", 1, true, &evt));
+    aml::device("GED_", &body)
+}
+
 /// `\_S5`: the sleep type the guest writes to the sleep control register to power off.
 fn s5() -> Vec<u8> {
     let typ = aml::integer(u64::from(layout::ACPI_S5_SLEEP_TYPE));
@@ -83,6 +137,10 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     sb.extend(com1_device());
     for (i, dev) in cfg.virtio_mmio.iter().enumerate() {
         sb.extend(virtio_mmio_device(i, dev));
+    }
+    if let Some(g) = &cfg.ged {
+        sb.extend(power_button());
+        sb.extend(ged_device(g));
     }
     let mut body = aml::scope("\\_SB_", &sb);
     body.extend(s5());
@@ -154,6 +212,7 @@ mod tests {
                 size: 0x1000,
                 gsi: 5,
             }],
+            ged: None,
         };
         let t = dsdt(&cfg);
         assert_eq!(&t[..4], b"DSDT");

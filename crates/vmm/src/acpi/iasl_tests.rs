@@ -17,6 +17,10 @@ fn config() -> AcpiConfig {
     AcpiConfig {
         num_cpus: 3,
         virtio_mmio: devices(layout::VIRTIO_MMIO_MAX),
+        ged: Some(super::GedDevice {
+            addr: layout::GED_MMIO_ADDR,
+            gsi: layout::GED_GSI,
+        }),
     }
 }
 
@@ -191,6 +195,27 @@ fn iasl_decodes_every_table() {
     assert!(dsdt.contains("IO (Decode16,\n0x03F8, // Range Minimum\n0x03F8, // Range Maximum"));
     assert!(dsdt.contains("0x08, // Length"));
     assert!(dsdt.contains("IRQNoFlags ()\n{4}"));
+    // The power button and the Generic Event Device whose _EVT notifies it.
+    assert!(dsdt.contains("Device (PWRB)"), "{dsdt}");
+    assert!(dsdt.contains("Name (_HID, EisaId (\"PNP0C0C\")"), "{dsdt}");
+    assert!(dsdt.contains("Device (GED)"), "{dsdt}");
+    assert!(
+        dsdt.contains("Name (_HID, \"ACPI0013\" /* Generic Event Device */)"),
+        "{dsdt}"
+    );
+    assert!(
+        dsdt.contains(&format!(
+            "OperationRegion (EREG, SystemMemory, 0x{:08X}, 0x04)",
+            layout::GED_MMIO_ADDR
+        )),
+        "{dsdt}"
+    );
+    assert!(
+        dsdt.contains("Field (EREG, DWordAcc, NoLock, WriteAsZeros)\n{\nESEL, 32\n}"),
+        "{dsdt}"
+    );
+    assert!(dsdt.contains("Method (_EVT, 1, Serialized)"), "{dsdt}");
+    assert!(dsdt.contains("Notify (PWRB, 0x80)"), "{dsdt}");
     assert_eq!(
         dsdt.matches("Name (_HID, \"ACPI0007\"").count(),
         usize::from(cfg.num_cpus)
@@ -244,7 +269,8 @@ fn acpica_interpreter_loads_and_evaluates_the_dsdt() {
     let last = cfg.virtio_mmio.len() - 1;
     let commands = format!(
         "evaluate \\_S5; evaluate \\_SB.COM1._CRS; evaluate \\_SB.V000._CRS; \
-         evaluate \\_SB.V{last:03X}._CRS; evaluate \\_SB.V{last:03X}._UID"
+         evaluate \\_SB.V{last:03X}._CRS; evaluate \\_SB.V{last:03X}._UID; \
+         evaluate \\_SB.GED_._CRS; evaluate \\_SB.GED_._EVT 0x17; evaluate \\_SB.PWRB._HID"
     );
     let (ok, out) = run(
         &acpiexec,
@@ -252,7 +278,8 @@ fn acpica_interpreter_loads_and_evaluates_the_dsdt() {
         &["-b", &commands, "FACP.dat", "APIC.dat", "DSDT.dat"],
     );
     assert_clean("acpiexec", ok, &out);
-    let devices = usize::from(cfg.num_cpus) + 1 + cfg.virtio_mmio.len();
+    // vCPUs, COM1, the virtio-mmio devices, the power button and the GED.
+    let devices = usize::from(cfg.num_cpus) + 1 + cfg.virtio_mmio.len() + 2;
     assert!(
         out.contains(&format!("{devices} Devices")),
         "namespace devices:\n{out}"
@@ -275,6 +302,24 @@ fn acpica_interpreter_loads_and_evaluates_the_dsdt() {
     assert!(
         compact.contains(&format!("[Integer] = {last:016X}")),
         "{out}"
+    );
+    // The GED's interrupt, and _EVT runs: it reads the event register (acpiexec
+    // simulates the memory: zero, no event) and returns without an error.
+    let ged = cfg.ged.unwrap();
+    let irq = [
+        &[0x89u8, 0x06, 0x00, 0x03, 0x01][..],
+        &ged.gsi.to_le_bytes(),
+    ]
+    .concat();
+    let hex: Vec<String> = irq.iter().map(|b| format!("{b:02X}")).collect();
+    assert!(compact.contains(&hex.join(" ")), "{out}");
+    assert!(
+        compact.contains("No object was returned from evaluation of \\_SB.GED_._EVT"),
+        "{out}"
+    );
+    assert!(
+        compact.contains("[Integer] = 000000000C0CD041"),
+        "PNP0C0C: {out}"
     );
 }
 

@@ -34,6 +34,20 @@ pub struct AcpiConfig {
     pub num_cpus: u8,
     /// The virtio-mmio devices, in order (`_UID` = index).
     pub virtio_mmio: Vec<MmioDevice>,
+    /// The Generic Event Device and the power button it notifies, if the machine has
+    /// them.
+    pub ged: Option<GedDevice>,
+}
+
+/// The ACPI Generic Event Device (`ACPI0013`): its 32-bit event selector register
+/// (read by `_EVT`, cleared by the read; bit [`layout::GED_PWR_DOWN_EVT`] = power button)
+/// and its interrupt line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GedDevice {
+    /// Guest physical address of the event selector register (below 4 GiB).
+    pub addr: u64,
+    /// GSI of its interrupt: edge triggered, active high.
+    pub gsi: u32,
 }
 
 /// One virtio-mmio device window and its interrupt line.
@@ -71,6 +85,15 @@ pub enum AcpiError {
     /// Two device windows overlap.
     #[error("ACPI: virtio-mmio devices {0} and {1} overlap")]
     Overlap(usize, usize),
+    /// The GED's register is not below 4 GiB or its GSI is outside the I/O APIC or used
+    /// by another device.
+    #[error("ACPI: the Generic Event Device at {addr:#x} cannot use GSI {gsi}")]
+    BadGed {
+        /// Its register address.
+        addr: u64,
+        /// Its GSI.
+        gsi: u32,
+    },
     /// A device GSI is outside the I/O APIC or already used (timer, COM1, another device).
     #[error("ACPI: virtio-mmio device {index} cannot use GSI {gsi}")]
     BadGsi {
@@ -133,6 +156,21 @@ fn validate(cfg: &AcpiConfig) -> Result<(), AcpiError> {
             if d.addr < o.addr + o.size && o.addr < d.addr + d.size {
                 return Err(AcpiError::Overlap(other, index));
             }
+        }
+    }
+    if let Some(g) = cfg.ged {
+        let reserved = [0, madt::PIT_GSI, layout::COM1_GSI];
+        let bad = g.gsi >= layout::IOAPIC_PINS
+            || reserved.contains(&g.gsi)
+            || cfg.virtio_mmio.iter().any(|d| d.gsi == g.gsi)
+            || g.addr
+                .checked_add(layout::GED_EVT_SEL_LEN)
+                .is_none_or(|e| e > 1 << 32);
+        if bad {
+            return Err(AcpiError::BadGed {
+                addr: g.addr,
+                gsi: g.gsi,
+            });
         }
     }
     Ok(())
@@ -213,6 +251,10 @@ mod tests {
         AcpiConfig {
             num_cpus: cpus,
             virtio_mmio: devices(disks),
+            ged: Some(GedDevice {
+                addr: layout::GED_MMIO_ADDR,
+                gsi: layout::GED_GSI,
+            }),
         }
     }
 
@@ -303,6 +345,18 @@ mod tests {
         bad.push(cfg(0, 1));
         bad.push(cfg(255, 1));
         bad.push(cfg(1, layout::VIRTIO_MMIO_MAX + 1));
+        let mut clash = cfg(1, 2);
+        clash.ged = Some(GedDevice {
+            addr: layout::GED_MMIO_ADDR,
+            gsi: clash.virtio_mmio[1].gsi,
+        });
+        bad.push(clash);
+        let mut high = cfg(1, 1);
+        high.ged = Some(GedDevice {
+            addr: 1 << 32,
+            gsi: layout::GED_GSI,
+        });
+        bad.push(high);
         for (field, value) in [
             ("size", 0u64),
             ("addr", 0xffff_f800),

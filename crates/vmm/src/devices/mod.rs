@@ -2,6 +2,7 @@
 //!
 //! * [`serial`]: COM1 (8250 UART from `vm-superio`);
 //! * [`power`]: the ACPI sleep/reset registers;
+//! * [`ged`]: the ACPI Generic Event Device (power button events);
 //! * [`virtio_mmio`]: the virtio-mmio transport with a virtio-blk device;
 //! * [`block`]: building a disk (device, irqfd, ioeventfds) on a block node and the
 //!   event-loop handler that processes its queues.
@@ -10,13 +11,14 @@
 //! [`crate::layout`]; accesses nobody decodes read as all ones and are dropped.
 
 pub mod block;
+pub mod ged;
 pub mod power;
 pub mod serial;
 pub mod virtio_mmio;
 
 use std::sync::{Arc, Mutex};
 
-use crate::layout::{VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use crate::layout::{GED_MMIO_ADDR, GED_MMIO_SIZE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 use block::BlkTransport;
 use power::PowerEvent;
 use serial::SerialDevice;
@@ -29,6 +31,8 @@ pub struct Bus {
     pub mmio: Vec<Arc<Mutex<BlkTransport>>>,
     /// Guest memory (for vCPU resets).
     pub memory: Arc<crate::memory::GuestMemory>,
+    /// The ACPI Generic Event Device at `layout::GED_MMIO_ADDR`.
+    pub ged: Arc<ged::Ged>,
 }
 
 impl std::fmt::Debug for Bus {
@@ -77,8 +81,17 @@ impl Bus {
         self.mmio.get(index).map(|d| (&**d, off))
     }
 
+    /// The offset into the GED's window of an access that fits in it.
+    fn ged_offset(addr: u64, len: usize) -> Option<u64> {
+        let off = addr.checked_sub(GED_MMIO_ADDR)?;
+        (off.checked_add(len as u64)? <= GED_MMIO_SIZE).then_some(off)
+    }
+
     /// A guest MMIO read.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if let Some(off) = Self::ged_offset(addr, data.len()) {
+            return self.ged.read(off, data);
+        }
         match self.mmio_target(addr, data.len()) {
             Some((d, off)) => lock(d).read(off, data),
             None => data.fill(0xff),
@@ -87,6 +100,9 @@ impl Bus {
 
     /// A guest MMIO write.
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if let Some(off) = Self::ged_offset(addr, data.len()) {
+            return self.ged.write(off, data);
+        }
         if let Some((d, off)) = self.mmio_target(addr, data.len()) {
             lock(d).write(off, data);
         }

@@ -18,6 +18,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestMemory;
 
+pub mod limit;
+use limit::{Admit, WarnLimit};
+
 /// Register offsets of the version 2 layout.
 pub mod reg {
     /// "virt" in little endian.
@@ -167,6 +170,7 @@ pub struct MmioTransport<B: BlockBackend> {
     pending: Option<(usize, PendingRequest)>,
     stop_hook: Option<StopHook>,
     rejected: u64,
+    warnings: WarnLimit,
 }
 
 impl<B: BlockBackend> std::fmt::Debug for MmioTransport<B> {
@@ -209,6 +213,7 @@ impl<B: BlockBackend> MmioTransport<B> {
             pending: None,
             stop_hook: None,
             rejected: 0,
+            warnings: WarnLimit::default(),
         })
     }
 
@@ -244,6 +249,24 @@ impl<B: BlockBackend> MmioTransport<B> {
     /// Guest accesses refused so far.
     pub fn rejected(&self) -> u64 {
         self.rejected
+    }
+
+    /// Guest-triggered warnings so far (logged or not).
+    pub fn guest_warnings(&self) -> u64 {
+        self.warnings.seen()
+    }
+
+    /// Logs a warning the guest caused, rate-limited per device.
+    fn guest_warning(&mut self, what: &str, detail: &str) {
+        match self.warnings.admit() {
+            Admit::Log => tracing::warn!(detail, "virtio-blk: {what}"),
+            Admit::Summary(n) => tracing::warn!(
+                suppressed = n,
+                latest = what,
+                "virtio-blk: further guest-triggered warnings of this device are counted, not logged"
+            ),
+            Admit::Quiet => {}
+        }
     }
 
     fn reject(&mut self, what: &str, offset: u64, len: usize) {
@@ -536,7 +559,7 @@ impl<B: BlockBackend> MmioTransport<B> {
     }
 
     fn broken(&mut self, why: &str) {
-        tracing::warn!(error = why, "virtio-blk queue unusable; device needs reset");
+        self.guest_warning("queue unusable; device needs reset", why);
         self.status |= status::DEVICE_NEEDS_RESET;
         self.config_generation = self.config_generation.wrapping_add(1);
         self.raise(INT_CONFIG);
@@ -559,6 +582,16 @@ impl<B: BlockBackend> MmioTransport<B> {
         let queue = &mut self.queues[q];
         match self.dev.process_queue(queue, &*mem) {
             Ok(run) => {
+                if run.bad_heads > 0 {
+                    let n = run.bad_heads.to_string();
+                    self.guest_warning(
+                        "chains with a head outside the descriptor table skipped",
+                        &n,
+                    );
+                }
+                if run.ring_invalid {
+                    self.broken("the available index is further ahead than the queue size");
+                }
                 if let Some(p) = run.stopped {
                     self.pending = Some((q, p));
                     self.paused = true;

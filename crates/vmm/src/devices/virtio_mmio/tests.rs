@@ -471,3 +471,73 @@ fn writes_to_a_read_only_disk_fail_and_change_nothing() {
     w32(&mut t, reg::DEVICE_FEATURES_SEL, 0);
     assert_ne!(r32(&mut t, reg::DEVICE_FEATURES) & (1 << 5), 0);
 }
+
+#[test]
+fn an_available_index_far_ahead_needs_a_reset_and_is_not_retried() {
+    let (mut t, disk, irq, mem) = setup();
+    running(&mut t);
+    let hdr = 0x20_0000u64;
+    header(&mem, hdr, 0, 0); // IN sector 0
+    desc(&mem, 0, hdr, 16, 1, 1);
+    desc(&mem, 1, 0x20_1000, 512, 3, 2);
+    desc(&mem, 2, 0x20_3000, 1, 2, 0);
+    // Every slot holds a valid head, but the index says 1000 entries are available.
+    for slot in 0..16u64 {
+        mem.write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * slot))
+            .unwrap();
+    }
+    mem.write_obj(1000u16, GuestAddress(AVAIL + 2)).unwrap();
+    let irqs = irq.0.load(Ordering::SeqCst);
+    w32(&mut t, reg::QUEUE_NOTIFY, 0);
+    assert_ne!(t.status() & status::DEVICE_NEEDS_RESET, 0);
+    assert_eq!(r32(&mut t, reg::INTERRUPT_STATUS) & INT_CONFIG, INT_CONFIG);
+    assert_eq!(irq.0.load(Ordering::SeqCst), irqs + 1);
+    let used: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+    assert_eq!(used, 0, "nothing is taken from a broken ring");
+    // Kicking again and again: nothing is processed, nothing more is warned about.
+    for _ in 0..1000 {
+        w32(&mut t, reg::QUEUE_NOTIFY, 0);
+    }
+    assert_eq!(t.guest_warnings(), 1);
+    assert_eq!(irq.0.load(Ordering::SeqCst), irqs + 1);
+    // A reset brings it back.
+    w32(&mut t, reg::STATUS, 0);
+    assert_eq!(t.status(), 0);
+    mem.write_obj(0u16, GuestAddress(AVAIL + 2)).unwrap();
+    mem.write_obj(0xeeu8, GuestAddress(0x20_3000)).unwrap();
+    running(&mut t);
+    assert_eq!(t.status() & status::DEVICE_NEEDS_RESET, 0);
+    disk.0.lock().unwrap()[..512].fill(0x77);
+    offer(&mut t, &mem, 0, &[0]);
+    let st: u8 = mem.read_obj(GuestAddress(0x20_3000)).unwrap();
+    assert_eq!(st, 0);
+    let mut data = [0u8; 512];
+    mem.read_slice(&mut data, GuestAddress(0x20_1000)).unwrap();
+    assert_eq!(data, [0x77; 512]);
+}
+
+#[test]
+fn repeated_bad_heads_are_counted_and_the_device_keeps_serving() {
+    let (mut t, _disk, _irq, mem) = setup();
+    running(&mut t);
+    let mut next = 0u16;
+    for _ in 0..500 {
+        offer(&mut t, &mem, next, &[200]);
+        next = next.wrapping_add(1);
+    }
+    assert_eq!(t.guest_warnings(), 500);
+    assert_eq!(t.status() & status::DEVICE_NEEDS_RESET, 0);
+    let used: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+    assert_eq!(used, 0);
+    let hdr = 0x20_0000u64;
+    header(&mem, hdr, 0, 0);
+    desc(&mem, 0, hdr, 16, 1, 1);
+    desc(&mem, 1, 0x20_1000, 512, 3, 2);
+    desc(&mem, 2, 0x20_3000, 1, 2, 0);
+    mem.write_obj(0xeeu8, GuestAddress(0x20_3000)).unwrap();
+    offer(&mut t, &mem, next, &[0]);
+    let st: u8 = mem.read_obj(GuestAddress(0x20_3000)).unwrap();
+    assert_eq!(st, 0);
+    let used: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+    assert_eq!(used, 1);
+}
