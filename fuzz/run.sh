@@ -20,7 +20,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 
 toolchain="${FUZZ_TOOLCHAIN:-nightly}"
-targets="${FUZZ_TARGETS:-qcow2_header qcow2_open qcow2_model raw_model qmp_json blockdev_options virtio_blk virtio_mmio}"
+targets="${FUZZ_TARGETS:-qcow2_header qcow2_open qcow2_model raw_model qmp_json qmp_session qmp_commands blockdev_options virtio_blk virtio_mmio}"
 export CARGO_BUILD_JOBS="${FUZZ_JOBS:-1}"
 
 # Per-target libFuzzer options: the longest input and the dictionary.
@@ -29,7 +29,8 @@ target_args() {
         qcow2_header) echo "-max_len=4096 -dict=dict/qcow2.dict" ;;
         qcow2_open) echo "-max_len=262144 -dict=dict/qcow2.dict" ;;
         qcow2_model | raw_model) echo "-max_len=1024 -len_control=0" ;;
-        qmp_json) echo "-max_len=4096 -dict=dict/qmp.dict" ;;
+        qmp_json | qmp_session) echo "-max_len=4096 -dict=dict/qmp.dict" ;;
+        qmp_commands) echo "-max_len=2048 -len_control=0" ;;
         blockdev_options) echo "-max_len=1024 -dict=dict/blockdev.dict" ;;
         virtio_blk) echo "-max_len=65536" ;;
         virtio_mmio) echo "-max_len=8192" ;;

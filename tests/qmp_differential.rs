@@ -10,6 +10,10 @@
 //!   dirty-bitmap commands, their sha256 after the same writes, transaction.
 //! - `backup.py`: drive-backup/blockdev-backup sync modes, job verbs and events,
 //!   validation texts, point-in-time content checked with `qemu-img compare`.
+//! - `bitmap_matrix.py`: iotest 257's matrix: every sync=bitmap bitmap-mode (and
+//!   sync=incremental) × success / cancel / blkdebug-injected target failure, with
+//!   writes before and during the job; the bitmap's count, members and sha256 after
+//!   the job and after a later write must equal QEMU's (`qemu-system-x86_64 -M none`).
 //! - `daemon.py`: persistent-bitmap interop both ways, SIGKILL, SIGTERM, pidfile,
 //!   `--daemonize`, bad `--blockdev`.
 //!
@@ -137,6 +141,11 @@ fn blockdev_and_bitmaps_match_qemu() {
 #[test]
 fn backup_jobs_match_qemu() {
     run("backup.py", Duration::from_secs(180));
+}
+
+#[test]
+fn bitmap_modes_and_outcomes_match_qemu() {
+    run("bitmap_matrix.py", Duration::from_secs(120));
 }
 
 #[test]

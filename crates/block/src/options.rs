@@ -366,9 +366,14 @@ fn parse_inner(v: &Value, keyval: bool, prefix: &str) -> BlockResult<BlockdevOpt
             }
             DriverOptions::BlkDebug { image, inject }
         }
-        "null-co" => DriverOptions::Null {
-            size: m.size("size")?.unwrap_or(1 << 30),
-        },
+        "null-co" => {
+            // Strata's null-co always reads zeroes: that is `read-zeroes=on`, and a
+            // valid answer for `off` too (QEMU then leaves the buffer unspecified).
+            let _read_zeroes = m.bool("read-zeroes")?;
+            DriverOptions::Null {
+                size: m.size("size")?.unwrap_or(1 << 30),
+            }
+        }
         _ => {
             let file = match m.get("file") {
                 Some(v) => child(v, keyval, &format!("{prefix}file"))?,

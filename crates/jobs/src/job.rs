@@ -3,7 +3,7 @@
 //! actions. A job's work is a [`JobDriver`] run on its own thread; the driver calls
 //! back into its [`JobContext`] at pause points.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -774,7 +774,7 @@ impl JobContext {
     /// A handle that records progress from other threads (copy-before-write).
     pub fn progress_handle(&self) -> ProgressHandle {
         ProgressHandle {
-            job: self.job.clone(),
+            job: Arc::downgrade(&self.job),
         }
     }
 
@@ -832,15 +832,22 @@ impl JobContext {
 }
 
 /// Records a job's progress from any thread.
+///
+/// It refers to the job weakly: the job's own driver keeps one (for copies made by
+/// guest writes), and a strong reference would make a cycle that outlives the job
+/// manager when a concluded job is never dismissed.
 #[derive(Clone)]
 pub struct ProgressHandle {
-    job: Arc<Job>,
+    job: Weak<Job>,
 }
 
 impl ProgressHandle {
-    /// Records `n` more bytes done.
+    /// Records `n` more bytes done (nothing once the job is gone).
     pub fn add_done(&self, n: u64) {
-        let mut st = self.job.lock();
+        let Some(job) = self.job.upgrade() else {
+            return;
+        };
+        let mut st = job.lock();
         st.current += n;
         if st.current > st.total {
             st.total = st.current;

@@ -232,6 +232,50 @@ fn speed_limits_background_copy_and_set_speed_wakes_it() {
     assert!(g.close_all().is_empty());
 }
 
+/// A guest write to a cluster the job has already copied must not wait for the job:
+/// at speed=1 the first chunk is copied and the job then sleeps in the rate limiter
+/// for ever; a write inside that chunk used to wait for the sleeping job to end the
+/// chunk's claim (found by the `qmp_session` fuzz target).
+#[test]
+fn guest_write_does_not_wait_for_a_rate_limited_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = Arc::new(BlockGraph::new());
+    let src = node(&g, "src", &image(dir.path(), "src.qcow2"));
+    let tgt = node(&g, "tgt", &image(dir.path(), "tgt.qcow2"));
+    src.write(&vec![1u8; 4 << 20], 0).unwrap();
+    let jobs = JobManager::new(Arc::new(Events::default()));
+    let job = create_backup(
+        &g,
+        &jobs,
+        params(src.clone(), tgt.clone(), SyncMode::Full, 1),
+    )
+    .unwrap();
+    jobs.start(&job, false).unwrap();
+    // The first chunk (1 MiB) is copied at once; the next one waits "for ever".
+    std::thread::sleep(Duration::from_millis(300));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = {
+        let src = src.clone();
+        std::thread::spawn(move || {
+            src.write(&[2u8; 4096], 64 << 10).unwrap();
+            let _ = tx.send(());
+        })
+    };
+    let done = rx.recv_timeout(Duration::from_secs(5));
+    job.cancel().unwrap();
+    job.wait_concluded();
+    writer.join().unwrap();
+    assert!(
+        done.is_ok(),
+        "a guest write to an already copied cluster waited for the rate-limited job"
+    );
+    // The target holds the old data there (copied before the write).
+    let mut b = vec![0u8; 4096];
+    tgt.read(&mut b, 64 << 10).unwrap();
+    assert_eq!(b, vec![1u8; 4096]);
+    assert!(g.close_all().is_empty());
+}
+
 #[test]
 fn sync_none_fleecing_and_cancel() {
     let dir = tempfile::tempdir().unwrap();

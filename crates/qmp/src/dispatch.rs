@@ -485,7 +485,7 @@ pub fn typed_json(v: &Value, ty: &Type) -> Json {
     }
 }
 
-fn error_response(err: &QmpError, id: Option<Json>) -> Json {
+pub(crate) fn error_response(err: &QmpError, id: Option<Json>) -> Json {
     let mut m = vec![(
         "error".to_string(),
         Json::Object(vec![

@@ -6,6 +6,7 @@
 //! * [`dispatch`]: the command [`Registry`] with the built-in commands;
 //! * [`events`]: the [`EventSender`] broadcaster;
 //! * [`server`]: [`QmpServer`], monitors on unix and TCP sockets;
+//! * [`session`]: [`Session`], one monitor in process (bytes in, bytes out);
 //! * [`blockdev`]: the block-layer commands (nodes, bitmaps, jobs, backup) that the
 //!   storage daemon and the VMM register.
 //!
@@ -38,6 +39,7 @@ pub mod json;
 pub mod output;
 pub mod schema;
 pub mod server;
+pub mod session;
 
 pub use dispatch::{Command, Context, Handler, Registry, RegistryError, VersionInfo};
 pub use error::{ErrorClass, QmpError};
@@ -45,3 +47,4 @@ pub use events::EventSender;
 pub use json::Json;
 pub use schema::{AlternateType, EnumType, Member, ObjectType, Type, Variants};
 pub use server::{ListenAddr, QmpServer};
+pub use session::{RequestHook, Session};

@@ -34,8 +34,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-enum OutMsg {
+/// One item of a monitor's output queue.
+pub(crate) enum OutMsg {
+    /// A complete message.
     Data(Vec<u8>),
+    /// End of output: close the connection.
     Close,
 }
 
@@ -51,7 +54,7 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    fn new(id: u64, tx: mpsc::Sender<OutMsg>) -> Self {
+    pub(crate) fn new(id: u64, tx: mpsc::Sender<OutMsg>) -> Self {
         Outbox {
             id,
             tx: Mutex::new(Some(tx)),
@@ -92,6 +95,11 @@ impl Outbox {
     pub(crate) fn set_capabilities(&self, oob: bool) {
         self.oob.store(oob, Ordering::SeqCst);
         self.negotiated.store(true, Ordering::SeqCst);
+    }
+
+    /// Accounts for `len` bytes of queued output having been handed to the client.
+    pub(crate) fn delivered(&self, len: usize) {
+        self.pending.fetch_sub(len, Ordering::SeqCst);
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -434,7 +442,7 @@ fn start_monitor(inner: &Arc<Inner>, stream: Stream) -> io::Result<()> {
             while let Ok(m) = rx.recv() {
                 match m {
                     OutMsg::Data(d) => {
-                        wout.pending.fetch_sub(d.len(), Ordering::SeqCst);
+                        wout.delivered(d.len());
                         if writer.write_all(&d).is_err() {
                             wout.closed.store(true, Ordering::SeqCst);
                             break;

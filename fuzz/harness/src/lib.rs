@@ -17,6 +17,10 @@
 //! - [`qcow2_header`]: the qcow2 header parser alone, with a serialise/parse round trip.
 //! - [`qmp_json`]: the QMP monitor's JSON stream parser, split three ways, with a
 //!   print/parse round trip.
+//! - [`qmp_session`]: arbitrary bytes into an in-process QMP monitor (the storage
+//!   daemon's block commands) over a scratch block graph.
+//! - [`qmp_commands`]: structure-aware QMP command sequences with arbitrary arguments
+//!   into the same monitor.
 //! - [`blockdev_options`]: `--blockdev` / `blockdev-add` options, key=value and JSON.
 //! - [`virtio_blk`]: a virtio-blk queue in guest memory made of the input, processed
 //!   by the device on an in-memory disk.
@@ -29,7 +33,10 @@ mod header;
 mod model;
 mod open;
 mod pattern;
+mod qmp_commands;
 mod qmp_json;
+mod qmp_scratch;
+mod qmp_session;
 mod virtio_blk;
 mod virtio_mmio;
 
@@ -37,9 +44,18 @@ pub use blockdev::blockdev_options;
 pub use header::qcow2_header;
 pub use model::{qcow2_model, raw_model};
 pub use open::qcow2_open;
+pub use qmp_commands::qmp_commands;
 pub use qmp_json::qmp_json;
+pub use qmp_session::qmp_session;
 pub use virtio_blk::virtio_blk;
 pub use virtio_mmio::virtio_mmio;
+
+/// Whether to print what a target decodes and does to stderr (`STRATA_FUZZ_TRACE=1`),
+/// to read what a crashing or slow input does.
+pub(crate) fn trace() -> bool {
+    static TRACE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TRACE.get_or_init(|| std::env::var_os("STRATA_FUZZ_TRACE").is_some())
+}
 
 /// The most an in-memory image under test may grow to. Drivers that try to write past it
 /// get an error from the storage, never more memory.
@@ -55,6 +71,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("raw_model", raw_model),
     ("qcow2_header", qcow2_header),
     ("qmp_json", qmp_json),
+    ("qmp_session", qmp_session),
+    ("qmp_commands", qmp_commands),
     ("blockdev_options", blockdev_options),
     ("virtio_blk", virtio_blk),
     ("virtio_mmio", virtio_mmio),

@@ -18,7 +18,7 @@
 //! Every read, the final full read, and every block-status answer are compared with
 //! the model; after a final flush, `check` must report no corruption and no leak.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use arbitrary::{Arbitrary, Unstructured};
 use strata_image::{
@@ -26,6 +26,7 @@ use strata_image::{
 };
 
 use crate::pattern;
+use crate::trace;
 use crate::STORAGE_LIMIT;
 
 /// Largest virtual disk the model targets create, in 512-byte sectors (1 MiB): 16
@@ -33,13 +34,6 @@ use crate::STORAGE_LIMIT;
 const MAX_SECTORS: u64 = 2048;
 /// Most operations run per input.
 const MAX_OPS: usize = 64;
-
-/// Whether to print the decoded configuration and operations to stderr
-/// (`STRATA_FUZZ_TRACE=1`), to read what a crashing input does.
-fn trace() -> bool {
-    static TRACE: OnceLock<bool> = OnceLock::new();
-    *TRACE.get_or_init(|| std::env::var_os("STRATA_FUZZ_TRACE").is_some())
-}
 
 /// Cluster sizes the qcow2 model exercises.
 #[derive(Debug, Clone, Copy, Arbitrary)]

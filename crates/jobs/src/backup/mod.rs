@@ -420,7 +420,7 @@ impl BackupJob {
                 None
             }
             Ok(()) => {
-                self.bcs.release(first, n, true);
+                // The worker released the claim already.
                 let c = self.bcs.cluster();
                 let size = self.bcs.source().size();
                 ctx.add_done(((first + n) * c).min(size) - first * c);
@@ -459,6 +459,12 @@ impl BackupJob {
                         let t = task_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                         let Ok((f, n, epoch)) = t else { break };
                         let r = bcs.copy_clusters_with(f, n, &mut scratch);
+                        if r.is_ok() {
+                            // At once, not when the job loop next looks: it may be
+                            // asleep in the rate limiter, and guest writes to these
+                            // clusters wait for the claim to end.
+                            bcs.release(f, n, true);
+                        }
                         if res_tx.send(((f, n, epoch), r)).is_err() {
                             break;
                         }
@@ -523,7 +529,9 @@ impl BackupJob {
                 match res_rx.recv() {
                     Ok(((f, n, _), r)) => {
                         inflight -= 1;
-                        self.bcs.release(f, n, r.is_ok());
+                        if r.is_err() {
+                            self.bcs.release(f, n, false);
+                        }
                         if r.is_ok() {
                             let c = self.bcs.cluster();
                             ctx.add_done(((f + n) * c).min(self.bcs.source().size()) - f * c);
