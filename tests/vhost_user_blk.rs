@@ -134,7 +134,8 @@ fn load_bin() -> PathBuf {
     .clone()
 }
 
-/// One running `strata-storage-daemon` with a qcow2 node `disk` exported as `exp0`.
+/// One running `strata-storage-daemon` with a format node `disk` (qcow2 unless
+/// started with [`Daemon::start_format`]) exported as `exp0`.
 struct Daemon {
     child: Child,
     sock: PathBuf,
@@ -143,6 +144,10 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &Path, image: &Path, export_opts: &str) -> Daemon {
+        Daemon::start_format(dir, image, "qcow2", export_opts)
+    }
+
+    fn start_format(dir: &Path, image: &Path, format: &str, export_opts: &str) -> Daemon {
         let sock = dir.join("vub.sock");
         let qmp = dir.join("qmp.sock");
         let child = Command::new(daemon_bin())
@@ -151,10 +156,10 @@ impl Daemon {
                 "driver=file,filename={},node-name=file0,discard=unmap",
                 s(image)
             ))
-            .args([
-                "--blockdev",
-                "driver=qcow2,file=file0,node-name=disk,discard=unmap",
-            ])
+            .arg("--blockdev")
+            .arg(format!(
+                "driver={format},file=file0,node-name=disk,discard=unmap"
+            ))
             .arg("--export")
             .arg(format!(
                 "type=vhost-user-blk,id=exp0,node-name=disk,addr.type=unix,addr.path={}{export_opts}",
@@ -551,12 +556,29 @@ fn check_stamps(disk: &[u8]) -> Result<u64, String> {
 }
 
 #[test]
-fn live_backup_of_a_running_guest_is_point_in_time() {
+fn live_backup_of_a_running_guest_is_point_in_time_raw() {
+    live_backup("raw");
+}
+
+#[test]
+fn live_backup_of_a_running_guest_is_point_in_time_qcow2() {
+    live_backup("qcow2");
+}
+
+/// `drive-backup` of the running guest's disk (`format`: raw or qcow2) while it stamps:
+/// the backup must be one moment of the stamp sequence, at or after the backup's
+/// start. With a raw disk the negative control copies the live file behind the
+/// daemon's back while the guest keeps stamping (1 MiB pieces in a scattered order with
+/// a pause after each, as a naive copy tool would) and must find a block older than
+/// the moment of the newest stamp in the copy. (A copy of a live qcow2 file proves
+/// less: it mostly misses the L2 tables the daemon has not written back yet.)
+fn live_backup(format: &str) {
     require_guest!();
     let dir = tempdir();
-    let image = qcow2(dir.path(), "64M");
+    let image = dir.path().join(format!("disk.{format}"));
+    qemu::create(&image, format, "", "64M");
     let backup = dir.path().join("backup.qcow2");
-    let d = Daemon::start(dir.path(), &image, ",writable=on");
+    let d = Daemon::start_format(dir.path(), &image, format, ",writable=on");
     let mut g = Guest::start(&d.sock, 1, &format!("stamp:100000000:{STAMP_BLOCKS}"));
     // The console reports every 25th stamp once it is on the disk: a lower bound
     // for the stamps any copy taken afterwards must contain.
@@ -592,43 +614,26 @@ fn live_backup_of_a_running_guest_is_point_in_time() {
         "sync": "full", "speed": 4194304}}));
     let started = Instant::now();
     assert!(r.get("return").is_some(), "drive-backup: {r}");
-    // Negative control while the backup runs: copies of the live image taken
-    // behind the daemon's back are not the disk at any one moment: they miss
-    // acknowledged writes (qcow2 metadata the daemon has not written back) or mix
-    // moments.
-    let mut inconsistent = 0;
-    for i in 0..3 {
-        let raw = dir.path().join(format!("neg{i}.raw"));
-        let floor = acked.load(Ordering::SeqCst);
-        let out = qemu::img(&[
-            "convert",
-            "-U",
-            "-r",
-            "16M",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            s(&image),
-            s(&raw),
-        ]);
-        let verdict = if out.code == 0 {
-            std::fs::read(&raw)
-                .map_err(|e| e.to_string())
-                .and_then(|d| check_stamps(&d))
-                .and_then(|h| {
-                    if h >= floor {
-                        Ok(h)
-                    } else {
-                        Err(format!("holds stamps up to {h}, but {floor} were on disk"))
-                    }
-                })
-        } else {
-            Err(format!("qemu-img convert failed: {}", out.stderr.trim()))
-        };
-        println!("live copy {i}: {verdict:?}");
-        if verdict.is_err() {
-            inconsistent += 1;
+    let mut stale = 0;
+    if format == "raw" {
+        for i in 0..5 {
+            let floor = acked.load(Ordering::SeqCst);
+            let data = stamps::read_live(&image, 1 << 20, Duration::from_millis(8)).expect("read");
+            let verdict = stamps::check_detailed(&data, STAMP_BLOCKS);
+            println!("live copy {i} (at least {floor} stamps on disk): {verdict:?}");
+            match verdict {
+                Err(stamps::Inconsistency::Stale { high, .. }) => {
+                    assert!(high >= floor, "copy {i}: highest stamp {high} < {floor}");
+                    stale += 1;
+                }
+                Err(stamps::Inconsistency::Other(e)) => {
+                    println!("live copy {i}: other inconsistency: {e}");
+                }
+                Ok(h) => assert!(h >= floor, "copy {i}: holds {h}, {floor} were on disk"),
+            }
+            if stale > 0 && i >= 2 {
+                break;
+            }
         }
     }
     let ev = q.wait_event("BLOCK_JOB_COMPLETED");
@@ -655,12 +660,15 @@ fn live_backup_of_a_running_guest_is_point_in_time() {
         after_backup > h + 25,
         "the guest did not keep writing during the backup ({h} in the backup, {after_backup} at the end)"
     );
-    println!("backup holds the disk as of stamp {h}; {inconsistent}/3 live copies inconsistent");
-    assert!(
-        inconsistent > 0,
-        "negative control: every copy of the live image looked point-in-time"
-    );
-    assert_clean(&image);
+    println!("backup holds the disk as of stamp {h}");
+    if format == "raw" {
+        assert!(
+            stale > 0,
+            "negative control: no copy of the live disk mixed moments"
+        );
+    } else {
+        assert_clean(&image);
+    }
 }
 
 #[test]
