@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 
 use strata_tests::{qemu, require_qemu, s, tempdir, MIB};
 
+#[path = "vhost_user_blk/errors.rs"]
+mod errors;
+
 /// Kernel and initramfs of the test guest, or why they are unavailable.
 fn guest() -> Result<(PathBuf, PathBuf), String> {
     static GUEST: OnceLock<Result<(PathBuf, PathBuf), String>> = OnceLock::new();

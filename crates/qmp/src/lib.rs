@@ -45,3 +45,4 @@ pub use events::EventSender;
 pub use json::Json;
 pub use schema::{AlternateType, EnumType, Member, ObjectType, Type, Variants};
 pub use server::{ListenAddr, QmpServer};
+pub use strata_jobs::EventSink;

@@ -115,7 +115,7 @@ fn main() -> ExitCode {
             export_state.add(&state, o).map_err(|e| e.desc)
         });
         if let Err(e) = r {
-            export_state.stop_all();
+            export_state.stop_all(&state);
             state.shutdown();
             return fail(format!("--export {x}: {e}"));
         }
@@ -183,7 +183,7 @@ fn main() -> ExitCode {
         let _ = p.write_all(&[0]);
     }
     server.run_until_quit();
-    export_state.stop_all();
+    export_state.stop_all(&state);
     let errors = state.shutdown();
     if let Some(p) = &args.pidfile {
         let _ = std::fs::remove_file(p);

@@ -48,10 +48,16 @@ pub trait BlockBackend: Send + Sync {
 }
 
 fn from_block(e: strata_block::BlockError) -> BackendError {
-    // The block layer reports errors as text; ENOSPC keeps the OS wording.
-    let no_space = e.desc.contains("No space left on device");
+    const ENOSPC: i32 = 28;
+    // QEMU's BLOCK_IO_ERROR `reason` is the C library's text for the errno; errors
+    // without one keep the block layer's description.
+    let no_space = e.errno == Some(ENOSPC) || e.desc.contains("No space left on device");
+    tracing::debug!(error = %e.desc, "block backend error");
     BackendError {
-        message: e.desc,
+        message: match e.errno {
+            Some(n) => strata_block::strerror(n),
+            None => e.desc,
+        },
         no_space,
     }
 }

@@ -301,16 +301,33 @@ impl<B: BlockBackend> VirtioBlk<B> {
         M: Deref + Clone,
         M::Target: GuestMemory,
     {
+        let mem_owner = chain.clone();
+        let mem = mem_owner.memory();
+        match self.parse_chain(chain, queue_size) {
+            Ok(req) => self.execute(&req, mem),
+            Err(c) => Outcome::Done(c),
+        }
+    }
+
+    /// Parses one chain without executing it. A malformed chain is answered here (its
+    /// status set to IOERR when the status byte could be located) and the completion
+    /// to put on the used ring is returned as the error.
+    pub fn parse_chain<M>(
+        &self,
+        chain: DescriptorChain<M>,
+        queue_size: u16,
+    ) -> Result<Request, Completion>
+    where
+        M: Deref + Clone,
+        M::Target: GuestMemory,
+    {
         let head = chain.head_index();
         let mem_owner = chain.clone();
         let mem = mem_owner.memory();
-        match Request::parse(chain, queue_size) {
-            Ok(req) => self.execute(&req, mem),
-            Err(e) => {
-                tracing::debug!(head, error = %e, "malformed virtio-blk request");
-                Outcome::Done(self.fail_parse(head, &e, mem))
-            }
-        }
+        Request::parse(chain, queue_size).map_err(|e| {
+            tracing::debug!(head, error = %e, "malformed virtio-blk request");
+            self.fail_parse(head, &e, mem)
+        })
     }
 
     fn fail_parse<M: GuestMemory + ?Sized>(
