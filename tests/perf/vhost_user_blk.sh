@@ -5,7 +5,8 @@
 # memory and a real split virtqueue).
 #
 # Usage: tests/perf/vhost_user_blk.sh [workdir]   (default: a new temporary folder)
-# Env:   SIZE=1G (image size), SECONDS_PER_ROW=5
+# Env:   SIZE=1G (image size), SECONDS_PER_ROW=5, ONLY=regex (run only the rows whose
+#        "format rw bs qd" matches, e.g. ONLY='raw read 1048576')
 #
 # Prints a Markdown table: IOPS (and MiB/s) of each daemon per row and the ratio
 # strata/qemu (at or above 1.0: Strata is as fast or faster). Both daemons serve the
@@ -63,6 +64,7 @@ for fmt in raw qcow2; do
     for spec in "randread 4096 1" "randread 4096 32" "randwrite 4096 1" "randwrite 4096 32" \
         "read 1048576 8" "write 1048576 8"; do
         set -- $spec
+        if [ -n "${ONLY:-}" ] && ! echo "$fmt $spec" | grep -Eq "$ONLY"; then continue; fi
         read -r qi qm si sm < <(row "$fmt" "$1" "$2" "$3")
         ratio=$(awk -v a="$si" -v b="$qi" 'BEGIN {printf "%.2f", a / b}')
         echo "| $fmt | $1 bs=$2 qd=$3 | $qi ($qm) | $si ($sm) | $ratio |"

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::iobuf::{self, IoBuf, IoBufMut};
 use crate::storage::Storage;
 use crate::{Error, Result};
 
@@ -19,6 +20,22 @@ pub trait BlockIo: Send + Sync {
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     /// Writes `buf` at `offset`; the range must lie within the virtual size.
     fn write(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Reads into `bufs` one after the other from `offset` (memory that may be
+    /// shared, e.g. guest RAM). The default goes through an intermediate buffer;
+    /// drivers whose data sits in place in a file override it to read directly.
+    fn read_vectored(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<()> {
+        let mut tmp = vec![0u8; iobuf::total_len_mut(bufs)];
+        self.read(&mut tmp, offset)?;
+        iobuf::scatter(bufs, 0, &tmp);
+        Ok(())
+    }
+    /// Writes `bufs` one after the other at `offset`. The default goes through an
+    /// intermediate buffer.
+    fn write_vectored(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
+        let mut tmp = vec![0u8; iobuf::total_len(bufs)];
+        iobuf::gather(bufs, 0, &mut tmp);
+        self.write(&tmp, offset)
+    }
     /// Makes a range read as zeroes. With `may_unmap` the driver may deallocate it.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()>;
     /// Tells the driver a range is no longer needed. What it then reads back is

@@ -6,7 +6,7 @@
 //! or [`BlockBackend::discard`], so for a `BlockNode` dirty bitmaps and a running
 //! backup's copy-before-write hook see it.
 
-use strata_block::BlockNode;
+use strata_block::{iobuf, BlockNode, IoBuf, IoBufMut};
 
 /// A failed backend operation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -39,6 +39,21 @@ pub trait BlockBackend: Send + Sync {
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), BackendError>;
     /// Writes `buf` at `offset`.
     fn write(&self, buf: &[u8], offset: u64) -> Result<(), BackendError>;
+    /// Reads into `bufs` (guest memory) one after the other from `offset`. The
+    /// default goes through an intermediate buffer.
+    fn read_vectored(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<(), BackendError> {
+        let mut tmp = vec![0u8; iobuf::total_len_mut(bufs)];
+        self.read(&mut tmp, offset)?;
+        iobuf::scatter(bufs, 0, &tmp);
+        Ok(())
+    }
+    /// Writes `bufs` (guest memory) one after the other at `offset`. The default
+    /// goes through an intermediate buffer.
+    fn write_vectored(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<(), BackendError> {
+        let mut tmp = vec![0u8; iobuf::total_len(bufs)];
+        iobuf::gather(bufs, 0, &mut tmp);
+        self.write(&tmp, offset)
+    }
     /// Zeroes `len` bytes at `offset`, deallocating if `unmap` and the backend allows.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), BackendError>;
     /// Discards `len` bytes at `offset` (contents afterwards are unspecified).
@@ -75,6 +90,12 @@ impl BlockBackend for BlockNode {
     fn write(&self, buf: &[u8], offset: u64) -> Result<(), BackendError> {
         BlockNode::write(self, buf, offset).map_err(from_block)
     }
+    fn read_vectored(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<(), BackendError> {
+        BlockNode::read_vectored(self, bufs, offset).map_err(from_block)
+    }
+    fn write_vectored(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<(), BackendError> {
+        BlockNode::write_vectored(self, bufs, offset).map_err(from_block)
+    }
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), BackendError> {
         BlockNode::write_zeroes(self, offset, len, unmap).map_err(from_block)
     }
@@ -98,6 +119,12 @@ impl<T: BlockBackend + ?Sized> BlockBackend for std::sync::Arc<T> {
     }
     fn write(&self, buf: &[u8], offset: u64) -> Result<(), BackendError> {
         (**self).write(buf, offset)
+    }
+    fn read_vectored(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<(), BackendError> {
+        (**self).read_vectored(bufs, offset)
+    }
+    fn write_vectored(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<(), BackendError> {
+        (**self).write_vectored(bufs, offset)
     }
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), BackendError> {
         (**self).write_zeroes(offset, len, unmap)

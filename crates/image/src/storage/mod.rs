@@ -13,6 +13,7 @@ pub use aligned::AlignedBuf;
 pub use file::{CacheMode, FileStorage};
 pub use mem::MemStorage;
 
+use crate::iobuf::{self, IoBuf, IoBufMut};
 use crate::Result;
 
 /// A byte-addressed storage node (QEMU's "protocol" layer).
@@ -21,6 +22,21 @@ pub trait Storage: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     /// Writes `buf` at `offset`, growing the storage if the write ends past its end.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Reads into `bufs` one after the other, starting at `offset`, as
+    /// [`Storage::read_at`] does. The default goes through an intermediate buffer.
+    fn read_vectored_at(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<()> {
+        let mut tmp = vec![0u8; iobuf::total_len_mut(bufs)];
+        self.read_at(&mut tmp, offset)?;
+        iobuf::scatter(bufs, 0, &tmp);
+        Ok(())
+    }
+    /// Writes `bufs` one after the other, starting at `offset`, as
+    /// [`Storage::write_at`] does. The default goes through an intermediate buffer.
+    fn write_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
+        let mut tmp = vec![0u8; iobuf::total_len(bufs)];
+        iobuf::gather(bufs, 0, &mut tmp);
+        self.write_at(&tmp, offset)
+    }
     /// Makes every completed write durable (a no-op in `cache=unsafe`).
     fn flush(&self) -> Result<()>;
     /// The current length in bytes.
