@@ -114,14 +114,23 @@ impl<B: BlockBackend + 'static> Engine<B> {
         lock(&self.stop).pending.len()
     }
 
+    /// A pool thread. A worker that takes a job while others are queued defers the
+    /// frontend notification for the one it just finished until it has finished the
+    /// next (or found nothing left), so a burst of completions costs one interrupt
+    /// per worker rather than one per request.
     fn worker(self: Arc<Self>) {
+        let mut owed: Option<(usize, Vring)> = None;
         loop {
-            let job = {
+            let next = {
                 let mut j = lock(&self.jobs);
                 loop {
                     if let Some(job) = j.queue.pop_front() {
                         j.running += 1;
-                        break job;
+                        let more = !j.queue.is_empty();
+                        break Some((job, more));
+                    }
+                    if owed.is_some() {
+                        break None;
                     }
                     if j.closing {
                         return;
@@ -129,7 +138,20 @@ impl<B: BlockBackend + 'static> Engine<B> {
                     j = self.work.wait(j).unwrap_or_else(|e| e.into_inner());
                 }
             };
-            self.run(job.queue, &job.vring, &job.req);
+            let Some((job, more)) = next else {
+                if let Some((_, v)) = owed.take() {
+                    notify(&v);
+                }
+                continue;
+            };
+            if let Some((q, v)) = owed.take() {
+                if q != job.queue {
+                    notify(&v);
+                }
+            }
+            if self.run(job.queue, &job.vring, &job.req, !more) && more {
+                owed = Some((job.queue, job.vring));
+            }
             let mut j = lock(&self.jobs);
             j.running -= 1;
             if j.running == 0 && j.queue.is_empty() {
@@ -155,19 +177,22 @@ impl<B: BlockBackend + 'static> Engine<B> {
         }
     }
 
-    /// Executes one request and completes it, or keeps it if the policy stopped it.
-    fn run(&self, queue: usize, vring: &Vring, req: &Request) {
+    /// Executes one request and puts it on the used ring (notifying the frontend if
+    /// `notify`; otherwise the caller owes a [`notify`]), or keeps it if the policy
+    /// stopped it. Returns whether it was put on the used ring.
+    fn run(&self, queue: usize, vring: &Vring, req: &Request, notify: bool) -> bool {
         let Some(mem) = self.memory() else {
-            return;
+            return false;
         };
         let guard = mem.memory();
         match self.dev.execute(req, &*guard) {
-            Outcome::Done(c) => complete(vring, c),
+            Outcome::Done(c) => complete(vring, c, notify),
             Outcome::Stopped(p) => {
                 let mut s = lock(&self.stop);
                 s.stopped = true;
                 s.pending.push((queue, p.request));
                 tracing::warn!(queue, "request stopped by the error policy");
+                false
             }
         }
     }
@@ -248,7 +273,7 @@ impl<B: BlockBackend + 'static> Engine<B> {
                 if !reqs.is_empty() {
                     self.submit(queue, vring, reqs);
                 }
-                self.run(queue, vring, &last);
+                self.run(queue, vring, &last, true);
             }
             if !more {
                 return;
@@ -302,16 +327,26 @@ fn signal(st: &vhost_user_backend::VringState<Mem>) {
     }
 }
 
-/// Puts a finished request on the used ring and notifies the frontend if needed.
-fn complete(vring: &Vring, c: Completion) {
+/// Notifies the frontend of what was put on the used ring, if it wants to know.
+fn notify(vring: &Vring) {
     let mut st = vring.get_mut();
-    if let Err(e) = st.add_used(c.head, c.len) {
-        tracing::warn!(head = c.head, error = %e, "cannot return a chain");
-        return;
-    }
     // Without a readable ring (EVENT_IDX state unknown), notify: a spurious
     // interrupt is harmless, a missing one hangs the driver.
     if st.needs_notification().unwrap_or(true) {
         signal(&st);
     }
+}
+
+/// Puts a finished request on the used ring and, if `notify`, notifies the frontend
+/// if needed. Returns whether the request went on the ring.
+fn complete(vring: &Vring, c: Completion, notify: bool) -> bool {
+    let mut st = vring.get_mut();
+    if let Err(e) = st.add_used(c.head, c.len) {
+        tracing::warn!(head = c.head, error = %e, "cannot return a chain");
+        return false;
+    }
+    if notify && st.needs_notification().unwrap_or(true) {
+        signal(&st);
+    }
+    true
 }
