@@ -10,7 +10,8 @@
 #
 # Prints a Markdown table: IOPS (and MiB/s) of each daemon per row and the ratio
 # strata/qemu (at or above 1.0: Strata is as fast or faster). Both daemons serve the
-# same fully written image with cache.direct=off; rows run one after the other.
+# same fully written image with cache.direct=off; rows run one after the other, with
+# a `sync` after each daemon's run so that none inherits another's dirty pages.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/../.." && pwd)
@@ -53,6 +54,8 @@ row() { # fmt rw bs qd -> "iops mib_s" for qemu then strata
         local j
         j=$("$load" --socket "$work/vub.sock" --rw "$rw" --bs "$bs" --qd "$qd" --seconds "$secs")
         kill "$pid"; wait "$pid" 2>/dev/null || true
+        # Write back what this run dirtied, so that the next one does not pay for it.
+        sync
         out+=("$(echo "$j" | sed -n 's/.*"iops":\([0-9.]*\).*"mib_s":\([0-9.]*\).*/\1 \2/p')")
     done
     echo "${out[0]} ${out[1]}"

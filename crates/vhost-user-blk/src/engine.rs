@@ -2,26 +2,32 @@
 //! several requests of a queue at once, completes them on the used ring, and holds
 //! requests that the error policy stopped until the export is resumed.
 //!
-//! A queue's vring thread parses every available chain; when more than one request
-//! is available, all but the last go to a small pool of worker threads and the last
-//! runs on the vring thread itself (so queue depth 1 costs no thread hand-off).
+//! A queue's vring thread parses every available chain. A lone request with nothing
+//! else in flight runs on the vring thread itself (queue depth 1 costs no thread
+//! hand-off); otherwise the requests go to a pool of worker threads, so that several
+//! run at once while the vring thread keeps taking new chains.
 //! Whoever finishes a request puts it on the used ring and signals the frontend.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use strata_virtio_blk::{BlockBackend, Completion, Outcome, Request, VirtioBlk};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 pub(crate) type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 type Vring = VringRwLock<Mem>;
 
 /// Worker threads per connection, besides the vring threads. Requests beyond this
 /// wait in the job queue (their chains are already off the available ring).
-pub const POOL_THREADS: usize = 4;
+pub const POOL_THREADS: usize = 8;
+
+/// How long a queue thread looks for the next request after running one alone.
+const POLL_WINDOW: Duration = Duration::from_micros(50);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -269,15 +275,46 @@ impl<B: BlockBackend + 'static> Engine<B> {
                     }
                 }
             };
-            if let Some(last) = reqs.pop() {
-                if !reqs.is_empty() {
-                    self.submit(queue, vring, reqs);
+            // A lone request with nothing else running is run right here (no
+            // hand-off latency at queue depth 1); otherwise everything goes to the
+            // pool and this thread stays free to take the next chains.
+            let mut inline = false;
+            if reqs.len() == 1 && self.pool_idle() {
+                if let Some(req) = reqs.pop() {
+                    self.run(queue, vring, &req, true);
+                    inline = true;
                 }
-                self.run(queue, vring, &last, true);
+            } else if !reqs.is_empty() {
+                self.submit(queue, vring, reqs);
             }
-            if !more {
+            // After a lone request, a driver that waits for each answer usually
+            // submits the next one within microseconds: look for it briefly instead
+            // of sleeping until the kick (QEMU's event loop polls likewise).
+            if !more && !(inline && self.poll_avail(vring, mem)) {
                 return;
             }
+        }
+    }
+
+    /// Spins up to [`POLL_WINDOW`] for the available index to move past what was
+    /// taken. The kick that comes with it is consumed later and finds nothing.
+    fn poll_avail(&self, vring: &Vring, mem: &GuestMemoryMmap) -> bool {
+        let (addr, next) = {
+            let st = vring.get_ref();
+            let q = st.get_queue();
+            (GuestAddress(q.avail_ring().wrapping_add(2)), q.next_avail())
+        };
+        let start = Instant::now();
+        loop {
+            match mem.load::<u16>(addr, Ordering::Acquire) {
+                Ok(idx) if idx != next => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+            if start.elapsed() >= POLL_WINDOW || self.stopped() {
+                return false;
+            }
+            std::hint::spin_loop();
         }
     }
 
@@ -304,6 +341,11 @@ impl<B: BlockBackend + 'static> Engine<B> {
             }
         }
         n
+    }
+
+    fn pool_idle(&self) -> bool {
+        let j = lock(&self.jobs);
+        j.running == 0 && j.queue.is_empty()
     }
 
     /// Waits until no request is queued or running in the pool.
