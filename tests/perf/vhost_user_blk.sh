@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # vhost-user-blk export throughput: strata-storage-daemon against qemu-storage-daemon,
 # side by side in one run, driven by the same load generator
-# (crates/vhost-user-blk/examples/vub_load.rs: a vhost-user frontend with shared
+# (crates/vhost-user-blk/examples/vub_load/main.rs: a vhost-user frontend with shared
 # memory and a real split virtqueue).
 #
 # Usage: tests/perf/vhost_user_blk.sh [workdir]   (default: a new temporary folder)
