@@ -74,10 +74,15 @@ struct Probe {
 
 impl Probe {
     fn start(sock: &Path) -> Probe {
+        Probe::start_qd(sock, 4)
+    }
+
+    fn start_qd(sock: &Path, qd: u16) -> Probe {
         let mut child = Command::new(load_bin())
             .arg("--socket")
             .arg(sock)
-            .args(["--probe", "--qd", "4", "--bs", "4096"])
+            .args(["--probe", "--bs", "4096", "--qd"])
+            .arg(qd.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -302,4 +307,46 @@ fn without_a_policy_the_export_behaves_as_qemu_storage_daemon() {
         bad["error"]["desc"], "'enospc' invalid read error action",
         "{bad}"
     );
+}
+
+#[test]
+fn a_burst_of_requests_runs_concurrently_and_every_answer_arrives() {
+    require_qemu!();
+    let dir = tempdir();
+    // A read error in the middle of the burst: reported for that request only.
+    let d = ErrDaemon::start(
+        dir.path(),
+        json!([rule("read_aio", 5, 8 * 9)]),
+        ",rerror=report",
+    );
+    let mut p = Probe::start_qd(&d.sock, 16);
+    // 16 writes made available together and kicked once: the queue thread hands
+    // them to the worker pool.
+    for i in 0..16u64 {
+        p.send(&format!("W {} {}", i * 8, i + 1));
+    }
+    p.send("kick");
+    let done = p.wait_n(16);
+    assert!(
+        done.iter().all(|v| v["status"] == 0 && v["len"] == 1),
+        "{done:?}"
+    );
+    for i in 0..16u64 {
+        p.send(&format!("R {}", i * 8));
+    }
+    p.send("kick");
+    let done = p.wait_n(16);
+    let mut failed = 0;
+    for v in &done {
+        let sector = v["sector"].as_u64().expect("sector");
+        match v["status"].as_u64() {
+            Some(0) => assert_eq!(v["byte"].as_u64(), Some(sector / 8 + 1), "{v}"),
+            Some(1) => {
+                assert_eq!(sector, 72, "{v}");
+                failed += 1;
+            }
+            _ => panic!("unexpected answer {v}"),
+        }
+    }
+    assert_eq!(failed, 1, "exactly the injected read fails: {done:?}");
 }

@@ -5,8 +5,10 @@
 //! * `w SECTOR BYTE`: write `--bs` bytes of BYTE (decimal) at SECTOR; prints
 //!   `{"slot": N}`.
 //! * `r SECTOR`: read `--bs` bytes at SECTOR; prints `{"slot": N}`.
+//! * `W SECTOR BYTE`, `R SECTOR`: the same without kicking the backend, so that
+//!   several requests become available at once; `kick` then kicks (prints `{}`).
 //! * `wait MS`: waits up to MS milliseconds for at least one answer, then prints
-//!   `{"done": [{"slot", "status", "len", "byte"}...]}` with every answer so far
+//!   `{"done": [{"slot", "sector", "status", "len", "byte"}...]}` with every answer so far
 //!   (`byte`: the first data byte of the slot, the value read for a read).
 //!
 //! Up to `--qd` requests may be outstanding; slots are reused once answered.
@@ -33,6 +35,7 @@ pub fn run(
 ) -> Result<(), String> {
     let e = |e: vm_memory::GuestMemoryError| e.to_string();
     let mut free: Vec<u64> = (0..u64::from(qd)).rev().collect();
+    let mut sectors = vec![0u64; usize::from(qd)];
     let mut avail_idx: u16 = 0;
     let mut used_seen: u16 = 0;
     let bs32 = u32::try_from(bs).map_err(|_| "--bs too large")?;
@@ -45,10 +48,16 @@ pub fn run(
                 .ok_or_else(|| format!("bad command {line:?}"))
         };
         match w.first().copied() {
-            Some(cmd @ ("w" | "r")) => {
-                let write = cmd == "w";
+            Some("kick") => {
+                kick.write(1).map_err(|e| e.to_string())?;
+                println!("{{}}");
+            }
+            Some(cmd @ ("w" | "r" | "W" | "R")) => {
+                let write = cmd.eq_ignore_ascii_case("w");
+                let kick_now = cmd == "w" || cmd == "r";
                 let sector = num(1)?;
                 let slot = free.pop().ok_or("no free slot (raise --qd)")?;
+                sectors[slot as usize] = sector;
                 if write {
                     let byte = num(2)? as u8;
                     mem.write_slice(&vec![byte; bs as usize], GuestAddress(DATA + bs * slot))
@@ -83,7 +92,9 @@ pub fn run(
                 avail_idx = avail_idx.wrapping_add(1);
                 mem.store(avail_idx, GuestAddress(AVAIL + 2), Ordering::Release)
                     .map_err(e)?;
-                kick.write(1).map_err(|e| e.to_string())?;
+                if kick_now {
+                    kick.write(1).map_err(|e| e.to_string())?;
+                }
                 println!("{}", serde_json::json!({ "slot": slot }));
             }
             Some("wait") => {
@@ -102,8 +113,10 @@ pub fn run(
                         let slot = u64::from(id) / 3;
                         let status: u8 = mem.read_obj(GuestAddress(STATUS + slot)).map_err(e)?;
                         let byte: u8 = mem.read_obj(GuestAddress(DATA + bs * slot)).map_err(e)?;
+                        let sector = sectors.get(slot as usize).copied();
                         done.push(serde_json::json!({
-                            "slot": slot, "status": status, "len": len, "byte": byte,
+                            "slot": slot, "sector": sector, "status": status, "len": len,
+                            "byte": byte,
                         }));
                         free.push(slot);
                     }
