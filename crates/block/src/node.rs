@@ -260,8 +260,8 @@ impl BlockNode {
     }
 
     /// Writes `bufs` through the node, as [`BlockNode::write`] does (hooks,
-    /// detect-zeroes, bitmaps). With detect-zeroes on, the data is copied first so
-    /// that the zero test and the write see the same bytes.
+    /// detect-zeroes, bitmaps). With detect-zeroes on, the data is copied first (1 MiB
+    /// at a time) so that the zero test and the write see the same bytes.
     pub fn write_vectored(&self, bufs: &[IoBuf<'_>], offset: u64) -> BlockResult<()> {
         let len = iobuf::total_len(bufs) as u64;
         self.check_write(offset, len)?;
@@ -269,15 +269,15 @@ impl BlockNode {
         self.run_hooks(offset, len)?;
         let dz = self.settings.detect_zeroes;
         if dz != DetectZeroes::Off {
-            let mut buf = vec![0u8; len as usize];
-            iobuf::gather(bufs, 0, &mut buf);
-            if buf.iter().all(|&b| b == 0) {
-                let unmap =
-                    dz == DetectZeroes::Unmap && self.settings.discard == DiscardMode::Unmap;
-                self.io.write_zeroes(offset, len, unmap)?;
-            } else {
-                self.io.write(&buf, offset)?;
-            }
+            // Zero detection per piece of at most 1 MiB (the copy stays bounded).
+            let unmap = dz == DetectZeroes::Unmap && self.settings.discard == DiscardMode::Unmap;
+            iobuf::bounce_write(bufs, |c, pos| {
+                if c.iter().all(|&b| b == 0) {
+                    self.io.write_zeroes(offset + pos, c.len() as u64, unmap)
+                } else {
+                    self.io.write(c, offset + pos)
+                }
+            })?;
         } else {
             self.io.write_vectored(bufs, offset)?;
         }

@@ -21,20 +21,15 @@ pub trait BlockIo: Send + Sync {
     /// Writes `buf` at `offset`; the range must lie within the virtual size.
     fn write(&self, buf: &[u8], offset: u64) -> Result<()>;
     /// Reads into `bufs` one after the other from `offset` (memory that may be
-    /// shared, e.g. guest RAM). The default goes through an intermediate buffer;
+    /// shared, e.g. guest RAM). The default goes through an intermediate buffer (1 MiB at a time);
     /// drivers whose data sits in place in a file override it to read directly.
     fn read_vectored(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<()> {
-        let mut tmp = vec![0u8; iobuf::total_len_mut(bufs)];
-        self.read(&mut tmp, offset)?;
-        iobuf::scatter(bufs, 0, &tmp);
-        Ok(())
+        iobuf::bounce_read(bufs, |c, pos| self.read(c, offset + pos))
     }
     /// Writes `bufs` one after the other at `offset`. The default goes through an
-    /// intermediate buffer.
+    /// intermediate buffer (1 MiB at a time).
     fn write_vectored(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
-        let mut tmp = vec![0u8; iobuf::total_len(bufs)];
-        iobuf::gather(bufs, 0, &mut tmp);
-        self.write(&tmp, offset)
+        iobuf::bounce_write(bufs, |c, pos| self.write(c, offset + pos))
     }
     /// Makes a range read as zeroes. With `may_unmap` the driver may deallocate it.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()>;

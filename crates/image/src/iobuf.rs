@@ -222,6 +222,45 @@ pub fn gather(bufs: &[IoBuf<'_>], at: usize, dst: &mut [u8]) {
     }
 }
 
+/// Largest intermediate buffer the bounce helpers allocate, whatever the request size.
+pub const BOUNCE_CHUNK: usize = 1 << 20;
+
+/// Fills `bufs` through an intermediate buffer of at most [`BOUNCE_CHUNK`] bytes:
+/// `read(chunk, pos)` must fill `chunk` with the bytes at `pos` from the start.
+pub fn bounce_read<E>(
+    bufs: &[IoBufMut<'_>],
+    mut read: impl FnMut(&mut [u8], u64) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
+    let total = total_len_mut(bufs);
+    let mut tmp = vec![0u8; total.min(BOUNCE_CHUNK)];
+    let mut done = 0usize;
+    while done < total {
+        let n = (total - done).min(BOUNCE_CHUNK);
+        read(&mut tmp[..n], done as u64)?;
+        scatter(bufs, done, &tmp[..n]);
+        done += n;
+    }
+    Ok(())
+}
+
+/// Passes `bufs` through an intermediate buffer of at most [`BOUNCE_CHUNK`] bytes:
+/// `write(chunk, pos)` gets the bytes at `pos` from the start.
+pub fn bounce_write<E>(
+    bufs: &[IoBuf<'_>],
+    mut write: impl FnMut(&[u8], u64) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
+    let total = total_len(bufs);
+    let mut tmp = vec![0u8; total.min(BOUNCE_CHUNK)];
+    let mut done = 0usize;
+    while done < total {
+        let n = (total - done).min(BOUNCE_CHUNK);
+        gather(bufs, done, &mut tmp[..n]);
+        write(&tmp[..n], done as u64)?;
+        done += n;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,5 +281,22 @@ mod tests {
         gather(&src, 2, &mut out);
         assert_eq!(out, [2, 3, 4, 5, 6]);
         assert_eq!(total_len(&src), 8);
+        let mut seen = Vec::new();
+        bounce_write::<()>(&src, |c, pos| {
+            seen.push((pos, c.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, vec![(0, vec![0, 1, 2, 3, 4, 5, 6, 0])]);
+        let mut big = vec![0u8; BOUNCE_CHUNK + 10];
+        let mut calls = Vec::new();
+        bounce_read::<()>(&[IoBufMut::from_slice(&mut big)], |c, pos| {
+            c.fill(7);
+            calls.push((pos, c.len()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(calls, vec![(0, BOUNCE_CHUNK), (BOUNCE_CHUNK as u64, 10)]);
+        assert!(big.iter().all(|&b| b == 7));
     }
 }

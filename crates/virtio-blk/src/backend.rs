@@ -40,19 +40,14 @@ pub trait BlockBackend: Send + Sync {
     /// Writes `buf` at `offset`.
     fn write(&self, buf: &[u8], offset: u64) -> Result<(), BackendError>;
     /// Reads into `bufs` (guest memory) one after the other from `offset`. The
-    /// default goes through an intermediate buffer.
+    /// default goes through an intermediate buffer of at most 1 MiB at a time.
     fn read_vectored(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<(), BackendError> {
-        let mut tmp = vec![0u8; iobuf::total_len_mut(bufs)];
-        self.read(&mut tmp, offset)?;
-        iobuf::scatter(bufs, 0, &tmp);
-        Ok(())
+        iobuf::bounce_read(bufs, |c, pos| self.read(c, offset + pos))
     }
     /// Writes `bufs` (guest memory) one after the other at `offset`. The default
-    /// goes through an intermediate buffer.
+    /// goes through an intermediate buffer of at most 1 MiB at a time.
     fn write_vectored(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<(), BackendError> {
-        let mut tmp = vec![0u8; iobuf::total_len(bufs)];
-        iobuf::gather(bufs, 0, &mut tmp);
-        self.write(&tmp, offset)
+        iobuf::bounce_write(bufs, |c, pos| self.write(c, offset + pos))
     }
     /// Zeroes `len` bytes at `offset`, deallocating if `unmap` and the backend allows.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), BackendError>;

@@ -38,7 +38,9 @@ impl Qcow2 {
                 let in_off = pos & (cs - 1);
                 let Some(h) = self.whole_data(entries[i]) else {
                     // Not data in place: this cluster's part through a buffer.
-                    let n = ((cs - in_off) as usize).min(total - done);
+                    let n = ((cs - in_off) as usize)
+                        .min(total - done)
+                        .min(iobuf::BOUNCE_CHUNK);
                     let mut tmp = vec![0u8; n];
                     self.read_impl(&mut tmp, pos)?;
                     iobuf::scatter(bufs, done, &tmp);
@@ -85,9 +87,13 @@ impl Qcow2 {
                         .write_vectored_at(&iobuf::slice(bufs, done, n), h + in_off)?;
                 }
                 None => {
+                    // Allocation or copy-on-write, through a bounded buffer.
+                    let n = n.min(iobuf::BOUNCE_CHUNK);
                     let mut tmp = vec![0u8; n];
                     iobuf::gather(bufs, done, &mut tmp);
                     self.write_impl(&tmp, pos)?;
+                    done += n;
+                    continue;
                 }
             }
             done += n;

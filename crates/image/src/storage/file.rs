@@ -377,10 +377,7 @@ impl Storage for FileStorage {
     fn read_vectored_at(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<()> {
         let raw: Vec<(*mut u8, usize)> = bufs.iter().map(|b| (b.as_mut_ptr(), b.len())).collect();
         if !self.aligned_vec(offset, &raw) {
-            let mut tmp = vec![0u8; iobuf::total_len_mut(bufs)];
-            self.read_at(&mut tmp, offset)?;
-            iobuf::scatter(bufs, 0, &tmp);
-            return Ok(());
+            return iobuf::bounce_read(bufs, |c, pos| self.read_at(c, offset + pos));
         }
         self.vectored(&raw, offset, false)
     }
@@ -393,9 +390,7 @@ impl Storage for FileStorage {
             .collect();
         let total = iobuf::total_len(bufs);
         if !self.aligned_vec(offset, &raw) {
-            let mut tmp = vec![0u8; total];
-            iobuf::gather(bufs, 0, &mut tmp);
-            return self.write_at(&tmp, offset);
+            return iobuf::bounce_write(bufs, |c, pos| self.write_at(c, offset + pos));
         }
         // pwritev only reads through these pointers.
         self.vectored(&raw, offset, true)?;

@@ -23,19 +23,14 @@ pub trait Storage: Send + Sync {
     /// Writes `buf` at `offset`, growing the storage if the write ends past its end.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
     /// Reads into `bufs` one after the other, starting at `offset`, as
-    /// [`Storage::read_at`] does. The default goes through an intermediate buffer.
+    /// [`Storage::read_at`] does. The default goes through an intermediate buffer (1 MiB at a time).
     fn read_vectored_at(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<()> {
-        let mut tmp = vec![0u8; iobuf::total_len_mut(bufs)];
-        self.read_at(&mut tmp, offset)?;
-        iobuf::scatter(bufs, 0, &tmp);
-        Ok(())
+        iobuf::bounce_read(bufs, |c, pos| self.read_at(c, offset + pos))
     }
     /// Writes `bufs` one after the other, starting at `offset`, as
-    /// [`Storage::write_at`] does. The default goes through an intermediate buffer.
+    /// [`Storage::write_at`] does. The default goes through an intermediate buffer (1 MiB at a time).
     fn write_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
-        let mut tmp = vec![0u8; iobuf::total_len(bufs)];
-        iobuf::gather(bufs, 0, &mut tmp);
-        self.write_at(&tmp, offset)
+        iobuf::bounce_write(bufs, |c, pos| self.write_at(c, offset + pos))
     }
     /// Makes every completed write durable (a no-op in `cache=unsafe`).
     fn flush(&self) -> Result<()>;
