@@ -290,7 +290,8 @@ impl<B: BlockBackend + 'static> Engine<B> {
             // After a lone request, a driver that waits for each answer usually
             // submits the next one within microseconds: look for it briefly instead
             // of sleeping until the kick (QEMU's event loop polls likewise).
-            if !more && !(inline && self.poll_avail(vring, mem)) {
+            let again = more || (inline && self.poll_avail(vring, mem));
+            if !again {
                 return;
             }
         }
