@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 use strata_tests::qmp::Qmp;
 use strata_tests::{qemu, require_qemu, s, stamps, tempdir, MIB};
 
+#[path = "vhost_user_blk/errors.rs"]
+mod errors;
+
 /// Kernel and initramfs of the test guest, or why they are unavailable.
 fn guest() -> Result<(PathBuf, PathBuf), String> {
     static GUEST: OnceLock<Result<(PathBuf, PathBuf), String>> = OnceLock::new();

@@ -535,9 +535,20 @@ fn werror_stop_pauses_the_vm_and_cont_retries_the_write() {
         serde_json::json!({"running": false, "status": "io-error"})
     );
     assert!(!vm.lines().iter().any(|l| l == "PASS"));
+    // query-block lists the disk as QEMU lists a guest device, with its io-status.
+    let io_status = |q: &mut Qmp| {
+        let r = q.cmd(serde_json::json!({"execute": "query-block"}));
+        let list = r["return"].as_array().cloned().unwrap_or_default();
+        assert_eq!(list.len(), 1, "query-block: {r}");
+        assert_eq!(list[0]["qdev"], "vd0", "{r}");
+        assert_eq!(list[0]["inserted"]["node-name"], "dbg", "{r}");
+        list[0]["io-status"].as_str().unwrap_or("").to_string()
+    };
+    assert_eq!(io_status(&mut q), "failed");
     let r = q.cmd(serde_json::json!({"execute": "cont"}));
     assert!(r.get("return").is_some(), "{r}");
     q.wait_event("RESUME");
+    assert_eq!(io_status(&mut q), "ok");
     let ev = q.wait_event("SHUTDOWN");
     assert_eq!(ev["data"]["reason"], "guest-shutdown", "{ev}");
     drop(q);

@@ -22,3 +22,4 @@ pub use graph::{BitmapRef, BlockGraph};
 pub use node::{BeforeWrite, BlockNode, NodeSettings};
 pub use null::NullDisk;
 pub use options::BlockdevOptions;
+pub use strata_image::{iobuf, IoBuf, IoBufMut};

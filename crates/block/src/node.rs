@@ -6,6 +6,7 @@
 use std::sync::{Arc, RwLock};
 
 use serde_json::{json, Value};
+use strata_image::iobuf::{self, IoBuf, IoBufMut};
 use strata_image::{FormatDriver, FormatSpecific, ImageInfo, StoredBitmap};
 
 use crate::bitmap::DirtyBitmap;
@@ -246,6 +247,41 @@ impl BlockNode {
             self.io.write(buf, offset)?;
         }
         self.mark_dirty(offset, buf.len() as u64);
+        Ok(())
+    }
+
+    /// Reads through the node into `bufs` (memory that may be shared, e.g. guest
+    /// RAM), without an intermediate copy where the driver allows.
+    pub fn read_vectored(&self, bufs: &[IoBufMut<'_>], offset: u64) -> BlockResult<()> {
+        let len = iobuf::total_len_mut(bufs) as u64;
+        self.check_range(offset, len)?;
+        let _t = self.tracker.begin(offset, len, false);
+        Ok(self.io.read_vectored(bufs, offset)?)
+    }
+
+    /// Writes `bufs` through the node, as [`BlockNode::write`] does (hooks,
+    /// detect-zeroes, bitmaps). With detect-zeroes on, the data is copied first (1 MiB
+    /// at a time) so that the zero test and the write see the same bytes.
+    pub fn write_vectored(&self, bufs: &[IoBuf<'_>], offset: u64) -> BlockResult<()> {
+        let len = iobuf::total_len(bufs) as u64;
+        self.check_write(offset, len)?;
+        let _t = self.tracker.begin(offset, len, true);
+        self.run_hooks(offset, len)?;
+        let dz = self.settings.detect_zeroes;
+        if dz != DetectZeroes::Off {
+            // Zero detection per piece of at most 1 MiB (the copy stays bounded).
+            let unmap = dz == DetectZeroes::Unmap && self.settings.discard == DiscardMode::Unmap;
+            iobuf::bounce_write(bufs, |c, pos| {
+                if c.iter().all(|&b| b == 0) {
+                    self.io.write_zeroes(offset + pos, c.len() as u64, unmap)
+                } else {
+                    self.io.write(c, offset + pos)
+                }
+            })?;
+        } else {
+            self.io.write_vectored(bufs, offset)?;
+        }
+        self.mark_dirty(offset, len);
         Ok(())
     }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::iobuf::{self, IoBuf, IoBufMut};
 use crate::storage::Storage;
 use crate::{Error, Result};
 
@@ -19,6 +20,17 @@ pub trait BlockIo: Send + Sync {
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     /// Writes `buf` at `offset`; the range must lie within the virtual size.
     fn write(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Reads into `bufs` one after the other from `offset` (memory that may be
+    /// shared, e.g. guest RAM). The default goes through an intermediate buffer (1 MiB at a time);
+    /// drivers whose data sits in place in a file override it to read directly.
+    fn read_vectored(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<()> {
+        iobuf::bounce_read(bufs, |c, pos| self.read(c, offset + pos))
+    }
+    /// Writes `bufs` one after the other at `offset`. The default goes through an
+    /// intermediate buffer (1 MiB at a time).
+    fn write_vectored(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
+        iobuf::bounce_write(bufs, |c, pos| self.write(c, offset + pos))
+    }
     /// Makes a range read as zeroes. With `may_unmap` the driver may deallocate it.
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()>;
     /// Tells the driver a range is no longer needed. What it then reads back is

@@ -7,6 +7,7 @@
 
 pub mod driver;
 mod error;
+pub mod iobuf;
 pub mod qcow2;
 pub mod raw;
 pub mod storage;
@@ -20,6 +21,7 @@ pub use driver::{
     PersistentBitmaps, Preallocation, Qcow2Specific, RepairMode, SnapshotInfo, StoredBitmap,
 };
 pub use error::{Error, Result};
+pub use iobuf::{IoBuf, IoBufMut};
 pub use storage::{CacheMode, FileStorage, MemStorage, Storage};
 
 /// Splits QEMU's option syntax at commas, where `,,` stands for a literal comma

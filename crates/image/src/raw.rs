@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use crate::driver::{BlockIo, BlockStatus, FormatDriver, ImageInfo, Preallocation};
+use crate::iobuf::{self, IoBuf, IoBufMut};
 use crate::storage::Storage;
 use crate::{Error, Result};
 
@@ -67,6 +68,16 @@ impl BlockIo for Raw {
     fn write(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_write(offset, buf.len() as u64)?;
         self.storage.write_at(buf, offset)
+    }
+
+    fn read_vectored(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<()> {
+        self.check_range(offset, iobuf::total_len_mut(bufs) as u64)?;
+        self.storage.read_vectored_at(bufs, offset)
+    }
+
+    fn write_vectored(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
+        self.check_write(offset, iobuf::total_len(bufs) as u64)?;
+        self.storage.write_vectored_at(bufs, offset)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {

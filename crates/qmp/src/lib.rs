@@ -48,3 +48,4 @@ pub use json::Json;
 pub use schema::{AlternateType, EnumType, Member, ObjectType, Type, Variants};
 pub use server::{ListenAddr, QmpServer};
 pub use session::{RequestHook, Session};
+pub use strata_jobs::EventSink;

@@ -115,13 +115,14 @@ fn main() -> ExitCode {
             export_state.add(&state, o).map_err(|e| e.desc)
         });
         if let Err(e) = r {
-            export_state.stop_all();
+            export_state.stop_all(&state);
             state.shutdown();
             return fail(format!("--export {x}: {e}"));
         }
     }
     let mut reg = Registry::default();
     if let Err(e) = blockdev::register(&mut reg, &state)
+        .and_then(|_| blockdev::register_device_cont(&mut reg, &state))
         .and_then(|_| qmp_exports::register(&mut reg, &state, &export_state))
     {
         return fail(format!("command registry: {e}"));
@@ -183,7 +184,7 @@ fn main() -> ExitCode {
         let _ = p.write_all(&[0]);
     }
     server.run_until_quit();
-    export_state.stop_all();
+    export_state.stop_all(&state);
     let errors = state.shutdown();
     if let Some(p) = &args.pidfile {
         let _ = std::fs::remove_file(p);

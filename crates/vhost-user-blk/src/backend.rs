@@ -1,54 +1,97 @@
 //! The `VhostUserBackend` implementation: features, config space and the queue
-//! workers, delegating requests to `strata-virtio-blk`.
+//! events, delegating requests to the connection's [`Engine`].
 
 use std::io;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use strata_virtio_blk::{BlockBackend, VirtioBlk};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::engine::{Engine, Mem};
 use crate::MAX_QUEUE_SIZE;
 
-type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
-
-/// One connection's vhost-user backend: the shared device, the current guest memory
-/// and one exit event per worker thread.
-pub struct BlkBackend<B: BlockBackend> {
-    dev: Arc<VirtioBlk<B>>,
-    mem: Arc<RwLock<Option<Mem>>>,
-    exits: Arc<Vec<(std::sync::Mutex<Option<EventConsumer>>, EventNotifier)>>,
+/// The worker pool's threads; dropping the last handle closes and joins them.
+struct Pool<B: BlockBackend + 'static> {
+    engine: Arc<Engine<B>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
-impl<B: BlockBackend> Clone for BlkBackend<B> {
+impl<B: BlockBackend + 'static> Drop for Pool<B> {
+    fn drop(&mut self) {
+        self.engine.close();
+        for t in std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner())) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One connection's vhost-user backend: the request engine (device, guest memory,
+/// worker pool) and one exit event per vring thread.
+pub struct BlkBackend<B: BlockBackend + 'static> {
+    engine: Arc<Engine<B>>,
+    dev: Arc<VirtioBlk<B>>,
+    pool: Arc<Pool<B>>,
+    exits: Arc<Vec<(Mutex<Option<EventConsumer>>, EventNotifier)>>,
+}
+
+impl<B: BlockBackend + 'static> Clone for BlkBackend<B> {
     fn clone(&self) -> Self {
         BlkBackend {
+            engine: self.engine.clone(),
             dev: self.dev.clone(),
-            mem: self.mem.clone(),
+            pool: self.pool.clone(),
             exits: self.exits.clone(),
         }
     }
 }
 
-impl<B: BlockBackend> BlkBackend<B> {
-    /// A backend for `dev`, with one worker per queue.
-    pub fn new(dev: Arc<VirtioBlk<B>>) -> io::Result<Self> {
+impl<B: BlockBackend + 'static> BlkBackend<B> {
+    /// A backend for `dev`: one vring thread per queue plus a pool of workers
+    /// (named after `name`) that run requests concurrently.
+    pub fn new(dev: Arc<VirtioBlk<B>>, name: &str) -> io::Result<Self> {
         let n = usize::from(dev.options().num_queues);
         let mut exits = Vec::with_capacity(n);
         for _ in 0..n {
             let (c, nt) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
-            exits.push((std::sync::Mutex::new(Some(c)), nt));
+            exits.push((Mutex::new(Some(c)), nt));
         }
+        let engine = Engine::new(dev.clone());
+        let threads = engine.start_pool(name)?;
         Ok(BlkBackend {
+            pool: Arc::new(Pool {
+                engine: engine.clone(),
+                threads: Mutex::new(threads),
+            }),
+            engine,
             dev,
-            mem: Arc::new(RwLock::new(None)),
             exits: Arc::new(exits),
         })
+    }
+
+    /// Resumes a device stopped by the error policy; returns the requests retried.
+    pub fn resume(&self) -> usize {
+        self.engine.resume()
+    }
+
+    /// Whether the error policy stopped the device.
+    pub fn stopped(&self) -> bool {
+        self.engine.stopped()
+    }
+
+    /// Requests held by a stop.
+    pub fn pending(&self) -> usize {
+        self.engine.pending()
+    }
+
+    /// Waits until the worker pool has finished every request handed to it.
+    pub fn drain(&self) {
+        self.engine.drain();
     }
 }
 
@@ -96,7 +139,7 @@ impl<B: BlockBackend + 'static> VhostUserBackend for BlkBackend<B> {
     }
 
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
-        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        self.engine.set_memory(mem);
         Ok(())
     }
 
@@ -123,33 +166,8 @@ impl<B: BlockBackend + 'static> VhostUserBackend for BlkBackend<B> {
         let Some(vring) = vrings.get(usize::from(device_event)) else {
             return Ok(());
         };
-        let Some(mem) = self.mem.read().unwrap_or_else(|e| e.into_inner()).clone() else {
-            return Ok(());
-        };
-        let guard = mem.memory();
-        let mut state = vring.get_mut();
-        match self.dev.process_queue(state.get_queue_mut(), &*guard) {
-            Ok(run) => {
-                if run.stopped.is_some() {
-                    tracing::warn!(queue = thread_id, "request stopped by the error policy");
-                }
-                if run.ring_invalid || run.bad_heads > 0 {
-                    tracing::warn!(
-                        queue = thread_id,
-                        bad_heads = run.bad_heads,
-                        ring_invalid = run.ring_invalid,
-                        "the frontend's available ring holds invalid entries"
-                    );
-                }
-                if run.notify {
-                    if let Err(e) = state.signal_used_queue() {
-                        tracing::warn!(queue = thread_id, error = %e, "cannot signal the frontend");
-                    }
-                }
-            }
-            // A broken ring (addresses outside guest memory): report, keep the worker.
-            Err(e) => tracing::warn!(queue = thread_id, error = %e, "virtqueue unusable"),
-        }
+        // One queue per vring thread: the thread index is the queue index.
+        self.engine.pump(thread_id, vring);
         Ok(())
     }
 }

@@ -4,18 +4,23 @@
 //! An [`Export`] binds its unix socket when it is created and serves one frontend
 //! at a time from a thread of its own; when a frontend goes away (cleanly or killed in
 //! the middle of a request) the in-flight requests finish, the node is flushed, and
-//! the export waits for the next frontend. Each virtqueue has its own worker thread.
+//! the export waits for the next frontend. Each virtqueue has its own thread, and a
+//! small worker pool runs several requests of a queue at once (see `engine`).
 //! Requests are parsed and executed by `strata-virtio-blk` on the node, so guest
 //! writes pass through the block graph (bitmaps, copy-before-write).
+//!
+//! The `werror`/`rerror` policy may stop the device: the failed requests are held
+//! and the queues are no longer served until [`Export::resume`] (QMP `cont`).
 
 mod backend;
+mod engine;
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use strata_virtio_blk::{BlockBackend, DeviceOptions, VirtioBlk};
+use strata_virtio_blk::{BlockBackend, DeviceOptions, ErrorAction, ErrorSink, IoStatus, VirtioBlk};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -65,6 +70,10 @@ pub struct ExportConfig {
     pub serial: String,
     /// Start with the write cache in writethrough mode (a flush after every write).
     pub writethrough: bool,
+    /// What a failed guest write does (QEMU's `werror`).
+    pub werror: ErrorAction,
+    /// What a failed guest read does (QEMU's `rerror`).
+    pub rerror: ErrorAction,
 }
 
 /// An OS error's text without Rust's " (os error N)" suffix, as QEMU prints it.
@@ -76,10 +85,26 @@ fn os_message(e: &std::io::Error) -> String {
     }
 }
 
+/// What the control side needs of the current connection, whatever the backend type.
+trait Connection: Send {
+    fn resume(&self) -> usize;
+    fn stopped(&self) -> bool;
+}
+
+impl<B: BlockBackend + 'static> Connection for BlkBackend<B> {
+    fn resume(&self) -> usize {
+        BlkBackend::resume(self)
+    }
+    fn stopped(&self) -> bool {
+        BlkBackend::stopped(self)
+    }
+}
+
 #[derive(Default)]
 struct Control {
     stop: bool,
     active: Option<ShutdownHandle>,
+    conn: Option<Box<dyn Connection>>,
 }
 
 /// A running vhost-user-blk export.
@@ -87,6 +112,8 @@ pub struct Export {
     id: String,
     path: PathBuf,
     control: Arc<Mutex<Control>>,
+    status: Box<dyn Fn() -> IoStatus + Send + Sync>,
+    reset_status: Box<dyn Fn() + Send + Sync>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -100,8 +127,13 @@ impl std::fmt::Debug for Export {
 }
 
 impl Export {
-    /// Validates `cfg`, binds the socket and starts serving `node`.
-    pub fn start<B>(cfg: ExportConfig, node: B) -> Result<Export, ExportError>
+    /// Validates `cfg`, binds the socket and starts serving `node`. Failed guest
+    /// requests are reported to `sink` (QMP's `BLOCK_IO_ERROR`), if given.
+    pub fn start<B>(
+        cfg: ExportConfig,
+        node: B,
+        sink: Option<Arc<dyn ErrorSink>>,
+    ) -> Result<Export, ExportError>
     where
         B: BlockBackend + 'static,
     {
@@ -122,11 +154,14 @@ impl Export {
             read_only: !cfg.writable,
             ..DeviceOptions::default()
         };
-        let dev = Arc::new(
-            VirtioBlk::new(node, opts)
-                .map_err(ExportError::Options)?
-                .with_writethrough(cfg.writethrough),
-        );
+        let mut dev = VirtioBlk::new(node, opts)
+            .map_err(ExportError::Options)?
+            .with_writethrough(cfg.writethrough)
+            .with_error_policy(cfg.werror, cfg.rerror);
+        if let Some(s) = sink {
+            dev = dev.with_error_sink(s);
+        }
+        let dev = Arc::new(dev);
         // Like QEMU: a stale socket file is replaced.
         let _ = std::fs::remove_file(&cfg.path);
         let listener = UnixListener::bind(&cfg.path).map_err(|source| ExportError::Bind {
@@ -137,15 +172,43 @@ impl Export {
         let control = Arc::new(Mutex::new(Control::default()));
         let ctl = control.clone();
         let id = cfg.id.clone();
+        let (d1, d2, d3) = (dev.clone(), dev.clone(), dev);
         let thread = std::thread::Builder::new()
             .name(format!("vub-{}", cfg.id))
-            .spawn(move || serve(id, dev, listener, ctl))?;
+            .spawn(move || serve(id, d1, listener, ctl))?;
         Ok(Export {
             id: cfg.id,
             path: cfg.path,
             control,
+            status: Box::new(move || d2.io_status()),
+            reset_status: Box::new(move || d3.reset_io_status()),
             thread: Some(thread),
         })
+    }
+
+    /// The device's io-status (`failed` or `nospace` while the error policy holds
+    /// it stopped).
+    pub fn io_status(&self) -> IoStatus {
+        (self.status)()
+    }
+
+    /// Whether the error policy stopped the device of the current connection.
+    pub fn stopped(&self) -> bool {
+        let c = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        c.conn.as_ref().is_some_and(|c| c.stopped())
+    }
+
+    /// Resumes after a stop, as QEMU's `cont`: clears the io-status, retries the
+    /// held requests and serves the queues again. Returns the requests retried.
+    pub fn resume(&self) -> usize {
+        let c = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        match c.conn.as_ref() {
+            Some(conn) => conn.resume(),
+            None => {
+                (self.reset_status)();
+                0
+            }
+        }
     }
 
     /// The export id.
@@ -204,7 +267,7 @@ fn serve<B: BlockBackend + 'static>(
         if control.lock().unwrap_or_else(|e| e.into_inner()).stop {
             break;
         }
-        let backend = match BlkBackend::new(dev.clone()) {
+        let backend = match BlkBackend::new(dev.clone(), &format!("vub-{id}")) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(export = %id, error = %e, "cannot create vhost-user backend");
@@ -212,6 +275,7 @@ fn serve<B: BlockBackend + 'static>(
             }
         };
         let mem: Mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let conn = backend.clone();
         let mut daemon = match VhostUserDaemon::new(format!("vub-{id}-conn"), backend, mem) {
             Ok(d) => d,
             Err(e) => {
@@ -229,6 +293,7 @@ fn serve<B: BlockBackend + 'static>(
                 daemon.request_shutdown();
             } else {
                 c.active = daemon.shutdown_handle();
+                c.conn = Some(Box::new(conn.clone()));
                 tracing::info!(export = %id, "vhost-user frontend connected");
             }
         }
@@ -244,9 +309,21 @@ fn serve<B: BlockBackend + 'static>(
                 tracing::warn!(export = %id, error = %e, "vhost-user connection ended with an error");
             }
         }
-        control.lock().unwrap_or_else(|e| e.into_inner()).active = None;
-        // Dropping the daemon stops the queue workers once their current request is done.
+        {
+            let mut c = control.lock().unwrap_or_else(|e| e.into_inner());
+            c.active = None;
+            c.conn = None;
+        }
+        // Dropping the daemon stops the vring threads once their current request is
+        // done; then the pool finishes what it was given. Requests held by a stop
+        // belong to the frontend that left: they are dropped with the connection.
         drop(daemon);
+        conn.drain();
+        if conn.pending() > 0 {
+            tracing::warn!(export = %id, held = conn.pending(), "frontend left while stopped; held requests dropped");
+            dev.reset_io_status();
+        }
+        drop(conn);
         if let Err(e) = dev.backend().flush() {
             tracing::warn!(export = %id, error = %e, "flush after disconnect failed");
         }

@@ -6,7 +6,7 @@
 //! or [`BlockBackend::discard`], so for a `BlockNode` dirty bitmaps and a running
 //! backup's copy-before-write hook see it.
 
-use strata_block::BlockNode;
+use strata_block::{iobuf, BlockNode, IoBuf, IoBufMut};
 
 /// A failed backend operation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -39,6 +39,16 @@ pub trait BlockBackend: Send + Sync {
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), BackendError>;
     /// Writes `buf` at `offset`.
     fn write(&self, buf: &[u8], offset: u64) -> Result<(), BackendError>;
+    /// Reads into `bufs` (guest memory) one after the other from `offset`. The
+    /// default goes through an intermediate buffer of at most 1 MiB at a time.
+    fn read_vectored(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<(), BackendError> {
+        iobuf::bounce_read(bufs, |c, pos| self.read(c, offset + pos))
+    }
+    /// Writes `bufs` (guest memory) one after the other at `offset`. The default
+    /// goes through an intermediate buffer of at most 1 MiB at a time.
+    fn write_vectored(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<(), BackendError> {
+        iobuf::bounce_write(bufs, |c, pos| self.write(c, offset + pos))
+    }
     /// Zeroes `len` bytes at `offset`, deallocating if `unmap` and the backend allows.
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), BackendError>;
     /// Discards `len` bytes at `offset` (contents afterwards are unspecified).
@@ -48,10 +58,16 @@ pub trait BlockBackend: Send + Sync {
 }
 
 fn from_block(e: strata_block::BlockError) -> BackendError {
-    // The block layer reports errors as text; ENOSPC keeps the OS wording.
-    let no_space = e.desc.contains("No space left on device");
+    const ENOSPC: i32 = 28;
+    // QEMU's BLOCK_IO_ERROR `reason` is the C library's text for the errno; errors
+    // without one keep the block layer's description.
+    let no_space = e.errno == Some(ENOSPC) || e.desc.contains("No space left on device");
+    tracing::debug!(error = %e.desc, "block backend error");
     BackendError {
-        message: e.desc,
+        message: match e.errno {
+            Some(n) => strata_block::strerror(n),
+            None => e.desc,
+        },
         no_space,
     }
 }
@@ -68,6 +84,12 @@ impl BlockBackend for BlockNode {
     }
     fn write(&self, buf: &[u8], offset: u64) -> Result<(), BackendError> {
         BlockNode::write(self, buf, offset).map_err(from_block)
+    }
+    fn read_vectored(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<(), BackendError> {
+        BlockNode::read_vectored(self, bufs, offset).map_err(from_block)
+    }
+    fn write_vectored(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<(), BackendError> {
+        BlockNode::write_vectored(self, bufs, offset).map_err(from_block)
     }
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), BackendError> {
         BlockNode::write_zeroes(self, offset, len, unmap).map_err(from_block)
@@ -92,6 +114,12 @@ impl<T: BlockBackend + ?Sized> BlockBackend for std::sync::Arc<T> {
     }
     fn write(&self, buf: &[u8], offset: u64) -> Result<(), BackendError> {
         (**self).write(buf, offset)
+    }
+    fn read_vectored(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<(), BackendError> {
+        (**self).read_vectored(bufs, offset)
+    }
+    fn write_vectored(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<(), BackendError> {
+        (**self).write_vectored(bufs, offset)
     }
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), BackendError> {
         (**self).write_zeroes(offset, len, unmap)

@@ -11,7 +11,7 @@ use vm_memory::{Bytes, GuestMemory};
 use crate::backend::{BackendError, BlockBackend};
 use crate::config::{features, BlkConfig, DeviceOptions, WRITEBACK_OFFSET};
 use crate::request::{read_data, write_data, ParseError, Request, RequestType};
-use crate::{status, SECTOR_SHIFT};
+use crate::{direct, status, SECTOR_SHIFT};
 
 /// Largest bounce buffer used for one backend call (requests are split into pieces
 /// of at most this size, so a guest cannot make the device allocate more).
@@ -308,16 +308,33 @@ impl<B: BlockBackend> VirtioBlk<B> {
         M: Deref + Clone,
         M::Target: GuestMemory,
     {
+        let mem_owner = chain.clone();
+        let mem = mem_owner.memory();
+        match self.parse_chain(chain, queue_size) {
+            Ok(req) => self.execute(&req, mem),
+            Err(c) => Outcome::Done(c),
+        }
+    }
+
+    /// Parses one chain without executing it. A malformed chain is answered here (its
+    /// status set to IOERR when the status byte could be located) and the completion
+    /// to put on the used ring is returned as the error.
+    pub fn parse_chain<M>(
+        &self,
+        chain: DescriptorChain<M>,
+        queue_size: u16,
+    ) -> Result<Request, Completion>
+    where
+        M: Deref + Clone,
+        M::Target: GuestMemory,
+    {
         let head = chain.head_index();
         let mem_owner = chain.clone();
         let mem = mem_owner.memory();
-        match Request::parse(chain, queue_size) {
-            Ok(req) => self.execute(&req, mem),
-            Err(e) => {
-                tracing::debug!(head, error = %e, "malformed virtio-blk request");
-                Outcome::Done(self.fail_parse(head, &e, mem))
-            }
-        }
+        Request::parse(chain, queue_size).map_err(|e| {
+            tracing::debug!(head, error = %e, "malformed virtio-blk request");
+            self.fail_parse(head, &e, mem)
+        })
     }
 
     fn fail_parse<M: GuestMemory + ?Sized>(
@@ -418,6 +435,11 @@ impl<B: BlockBackend> VirtioBlk<B> {
         match req.ty {
             RequestType::In => {
                 let offset = self.check_range(req.sector, req.data_len)?;
+                if let Some(r) = direct::read(&self.backend, mem, &req.data, offset) {
+                    r.map_err(|err| Failure::Backend { read: true, err })?;
+                    // data_len is bounded by the chain's 4 GiB limit minus the status byte.
+                    return Ok(u32::try_from(req.data_len).unwrap_or(u32::MAX - 1));
+                }
                 let mut done = 0u64;
                 while done < req.data_len {
                     let n = (req.data_len - done).min(MAX_CHUNK as u64) as usize;
@@ -441,6 +463,10 @@ impl<B: BlockBackend> VirtioBlk<B> {
                 }
                 let offset = self.check_range(req.sector, req.data_len)?;
                 let mut done = 0u64;
+                if let Some(r) = direct::write(&self.backend, mem, &req.data, offset) {
+                    r.map_err(|err| Failure::Backend { read: false, err })?;
+                    done = req.data_len;
+                }
                 while done < req.data_len {
                     let n = (req.data_len - done).min(MAX_CHUNK as u64) as usize;
                     with_bounce(n, |buf| {

@@ -16,6 +16,7 @@
 pub mod backend;
 pub mod config;
 pub mod device;
+mod direct;
 pub mod request;
 
 #[cfg(test)]

@@ -161,6 +161,7 @@ fn main() -> ExitCode {
             {
                 return fail(format!("command registry: {e}"));
             }
+            strata_vm::qmp::register_disks(&state, &core);
             let server = QmpServer::new(reg);
             state.attach_events(server.events());
             core.attach_events(server.events());

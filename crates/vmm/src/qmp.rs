@@ -1,10 +1,14 @@
 //! The VM's QMP commands and events, registered on the same [`Registry`] as the
 //! block-layer commands of `strata_qmp::blockdev` (nodes, bitmaps, jobs, backup):
 //! `query-status`, `stop`, `cont`, `system_powerdown`, `system_reset`, and the
-//! `STOP`, `RESUME`, `SHUTDOWN`, `POWERDOWN`, `RESET` and `BLOCK_IO_ERROR` events (QEMU 10's members).
+//! `STOP`, `RESUME`, `SHUTDOWN`, `POWERDOWN` and `RESET` events (QEMU 10's members;
+//! `BLOCK_IO_ERROR` is declared with the block commands). Every disk is listed by
+//! `query-block` through [`register_disks`].
 //! `quit` is built into the registry; the binary turns it into a shutdown.
 
 use std::sync::Arc;
+
+use strata_qmp::blockdev::{BlockState, GuestDevice};
 
 use serde_json::json;
 use strata_qmp::{Command, ObjectType, QmpError, Registry, RegistryError, Type};
@@ -101,22 +105,47 @@ pub fn register(reg: &mut Registry, core: &Arc<VmCore>) -> Result<(), RegistryEr
                 .member("reason", shutdown_cause_type()),
         )?;
     }
-    reg.register_event(
-        "BLOCK_IO_ERROR",
-        ObjectType::new("q_obj_BLOCK_IO_ERROR-arg")
-            .member("qom-path", Type::Str)
-            .member("device", Type::Str)
-            .optional("node-name", Type::Str)
-            .member(
-                "operation",
-                Type::enumeration("IoOperationType", &["read", "write"]),
-            )
-            .member(
-                "action",
-                Type::enumeration("BlockErrorAction", &["ignore", "report", "stop"]),
-            )
-            .optional("nospace", Type::Bool)
-            .member("reason", Type::Str),
-    )?;
     Ok(())
+}
+
+/// A VM disk as `query-block` sees it.
+struct VmDisk {
+    id: String,
+    node: String,
+    transport: Arc<std::sync::Mutex<crate::devices::block::BlkTransport>>,
+}
+
+impl GuestDevice for VmDisk {
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+    fn node_name(&self) -> String {
+        self.node.clone()
+    }
+    fn io_status(&self) -> &'static str {
+        self.transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .device()
+            .io_status()
+            .as_str()
+    }
+    fn resume(&self) {
+        self.transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .resume();
+    }
+}
+
+/// Lists every disk of `core` in `state`, so that `query-block` shows it (with its
+/// io-status) as QEMU shows a guest device.
+pub fn register_disks(state: &BlockState, core: &VmCore) {
+    for d in core.disks().iter().rev() {
+        state.add_device(Arc::new(VmDisk {
+            id: d.config.id.clone(),
+            node: d.config.node.name().to_string(),
+            transport: d.transport.clone(),
+        }));
+    }
 }

@@ -32,7 +32,7 @@ use strata_qmp::blockdev::exports::{
 };
 use strata_qmp::blockdev::{self, BlockState};
 use strata_qmp::json::{parse, Json};
-use strata_qmp::{QmpError, Registry, Session};
+use strata_qmp::{EventSink, QmpError, Registry, Session};
 
 /// Size of the scratch images.
 pub(crate) const DISK: u64 = 1 << 20;
@@ -59,6 +59,7 @@ impl ExportDriver for InertExports {
         &self,
         _opts: &ExportOptions,
         _node: Arc<BlockNode>,
+        _events: Arc<dyn EventSink>,
     ) -> Result<Box<dyn RunningExport>, String> {
         Ok(Box::new(Inert))
     }
@@ -159,6 +160,7 @@ impl Scratch {
         let exports = ExportState::new(Arc::new(InertExports));
         let mut reg = Registry::default();
         blockdev::register(&mut reg, &state).expect("block commands register");
+        blockdev::register_device_cont(&mut reg, &state).expect("cont registers");
         qmp_exports::register(&mut reg, &state, &exports).expect("export commands register");
         let mut session = Session::new(reg);
         state.attach_events(session.events());
@@ -231,7 +233,7 @@ impl Scratch {
             exports,
             dir,
         } = self;
-        exports.stop_all();
+        exports.stop_all(&state);
         // Everything must be freed once the monitor and the block layer are dropped
         // (LeakSanitizer says so under libFuzzer; these say so under `cargo test`).
         let jobs: Vec<Weak<Job>> = state.jobs.jobs().iter().map(Arc::downgrade).collect();

@@ -198,7 +198,7 @@ impl Qcow2 {
     }
 
     /// The host offset of a cluster whose every byte is data in place.
-    fn whole_data(&self, (entry, bitmap): (u64, u64)) -> Option<u64> {
+    pub(super) fn whole_data(&self, (entry, bitmap): (u64, u64)) -> Option<u64> {
         match classify(entry, self.geo.cluster_bits, self.geo.ext) {
             ClusterType::Normal(h) if !self.geo.ext || bitmap == BITMAP_ALL_ALLOC => Some(h),
             _ => None,

@@ -22,6 +22,7 @@ pub mod l2;
 mod meta;
 pub mod refcount;
 pub mod snapshot;
+mod vectored;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,6 +32,7 @@ use crate::driver::{
     BlockIo, BlockStatus, CheckReport, FormatDriver, FormatSpecific, ImageInfo, PersistentBitmaps,
     Preallocation, Qcow2Specific, RepairMode, SnapshotInfo,
 };
+use crate::iobuf::{IoBuf, IoBufMut};
 use crate::storage::Storage;
 use crate::{Error, Result};
 
@@ -251,6 +253,18 @@ impl BlockIo for Qcow2 {
         self.check_write(offset, buf.len() as u64)?;
         self.bitmaps_before_write(offset, buf.len() as u64)?;
         self.write_impl(buf, offset)
+    }
+
+    fn read_vectored(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<()> {
+        self.check_range(offset, crate::iobuf::total_len_mut(bufs) as u64)?;
+        self.read_vectored_impl(bufs, offset)
+    }
+
+    fn write_vectored(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
+        let len = crate::iobuf::total_len(bufs) as u64;
+        self.check_write(offset, len)?;
+        self.bitmaps_before_write(offset, len)?;
+        self.write_vectored_impl(bufs, offset)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<()> {

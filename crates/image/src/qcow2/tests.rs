@@ -6,6 +6,7 @@ use std::sync::Arc;
 use rand::{Rng, SeedableRng};
 
 use crate::driver::{FormatDriver, RepairMode};
+use crate::iobuf::{IoBuf, IoBufMut};
 use crate::storage::{MemStorage, Storage};
 use crate::{create_on, open_on, CreateOptions, Format};
 
@@ -40,7 +41,16 @@ fn run_model(seed: u64, opts: CreateOptions) {
                 }
                 let byte = (step % 250 + 1) as u8;
                 let buf = vec![byte; len as usize];
-                img.write(&buf, off).unwrap();
+                if rng.gen_bool(0.5) {
+                    // The vectored path, with the data split in up to three pieces.
+                    let cut1 = rng.gen_range(0..=buf.len());
+                    let cut2 = rng.gen_range(cut1..=buf.len());
+                    let parts = [&buf[..cut1], &buf[cut1..cut2], &buf[cut2..]];
+                    let bufs: Vec<IoBuf<'_>> = parts.iter().map(|p| IoBuf::from_slice(p)).collect();
+                    img.write_vectored(&bufs, off).unwrap();
+                } else {
+                    img.write(&buf, off).unwrap();
+                }
                 model[off as usize..(off + len) as usize].fill(byte);
             }
             6 | 7 => {
@@ -64,6 +74,23 @@ fn run_model(seed: u64, opts: CreateOptions) {
                 }
             }
             _ => img.flush().unwrap(),
+        }
+        {
+            // A vectored read of a random range, split in two pieces.
+            let len = rng.gen_range(1..3 * cs) as usize;
+            let off = rng.gen_range(0..size - len as u64) as usize;
+            let cut = rng.gen_range(0..=len);
+            let (mut a, mut b) = (vec![0xeeu8; cut], vec![0xeeu8; len - cut]);
+            img.read_vectored(
+                &[IoBufMut::from_slice(&mut a), IoBufMut::from_slice(&mut b)],
+                off as u64,
+            )
+            .unwrap();
+            a.extend_from_slice(&b);
+            assert!(
+                a == model[off..off + len],
+                "seed {seed} step {step}: vectored read at {off}+{len} differs"
+            );
         }
         if step % 50 == 0 || std::env::var("QTRACE").is_ok() {
             let mut got = vec![0u8; size as usize];
@@ -145,6 +172,10 @@ fn compressed_round_trip() {
         let mut got = vec![0u8; 65536];
         img.read(&mut got, 65536).unwrap();
         assert_eq!(got, data);
+        let mut v = vec![0u8; 65536];
+        img.read_vectored(&[IoBufMut::from_slice(&mut v)], 65536)
+            .unwrap();
+        assert_eq!(v, data);
         assert!(img.block_status(65536, 65536).unwrap().compressed);
         // Overwrite part of a compressed cluster: copy-on-write decompresses it.
         img.write(&[7u8; 100], 3 * 65536 + 10).unwrap();
@@ -185,6 +216,16 @@ fn backing_reads_and_cow() {
     img.read(&mut got, 0).unwrap();
     assert!(got.iter().all(|&b| b == 0));
     assert!(!img.block_status(2 * 65536, 65536).unwrap().allocated);
+    // Vectored: a write into a backing cluster copies the rest of it, a read spans
+    // that cluster and an unallocated one.
+    img.write_vectored(&[IoBuf::from_slice(&[2u8; 7])], 3 * 65536 + 100)
+        .unwrap();
+    let mut v = vec![0u8; 2 * 65536];
+    img.read_vectored(&[IoBufMut::from_slice(&mut v)], 3 * 65536)
+        .unwrap();
+    assert_eq!(&v[..100], &[0x5a; 100]);
+    assert_eq!(&v[100..107], &[2; 7]);
+    assert!(v[107..].iter().all(|&b| b == 0x5a));
 }
 
 #[test]

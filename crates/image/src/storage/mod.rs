@@ -13,6 +13,7 @@ pub use aligned::AlignedBuf;
 pub use file::{CacheMode, FileStorage};
 pub use mem::MemStorage;
 
+use crate::iobuf::{self, IoBuf, IoBufMut};
 use crate::Result;
 
 /// A byte-addressed storage node (QEMU's "protocol" layer).
@@ -21,6 +22,16 @@ pub trait Storage: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
     /// Writes `buf` at `offset`, growing the storage if the write ends past its end.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    /// Reads into `bufs` one after the other, starting at `offset`, as
+    /// [`Storage::read_at`] does. The default goes through an intermediate buffer (1 MiB at a time).
+    fn read_vectored_at(&self, bufs: &[IoBufMut<'_>], offset: u64) -> Result<()> {
+        iobuf::bounce_read(bufs, |c, pos| self.read_at(c, offset + pos))
+    }
+    /// Writes `bufs` one after the other, starting at `offset`, as
+    /// [`Storage::write_at`] does. The default goes through an intermediate buffer (1 MiB at a time).
+    fn write_vectored_at(&self, bufs: &[IoBuf<'_>], offset: u64) -> Result<()> {
+        iobuf::bounce_write(bufs, |c, pos| self.write_at(c, offset + pos))
+    }
     /// Makes every completed write durable (a no-op in `cache=unsafe`).
     fn flush(&self) -> Result<()>;
     /// The current length in bytes.

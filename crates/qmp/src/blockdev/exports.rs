@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
 use strata_block::BlockNode;
+use strata_jobs::EventSink;
 
-use super::{str_arg, BlockState};
+use super::{str_arg, BlockState, GuestDevice};
 use crate::dispatch::{Command, Registry, RegistryError};
 use crate::error::QmpError;
 use crate::events::EventSender;
@@ -41,7 +42,15 @@ pub struct ExportOptions {
     pub logical_block_size: u64,
     /// `num-queues` (default 1).
     pub num_queues: u64,
+    /// `werror` (a Strata extension for vhost-user-blk, with QEMU's device option
+    /// name and values; `None` when not given).
+    pub werror: Option<String>,
+    /// `rerror` (likewise).
+    pub rerror: Option<String>,
 }
+
+/// QEMU's `BlockdevOnError` values.
+pub const ON_ERROR: &[&str] = &["report", "ignore", "enospc", "stop", "auto"];
 
 fn keyval_bool(v: &Value, key: &str) -> Result<Option<bool>, QmpError> {
     match v {
@@ -105,6 +114,8 @@ impl ExportOptions {
             addr_type: None,
             logical_block_size: 512,
             num_queues: 1,
+            werror: None,
+            rerror: None,
         };
         for (k, val) in v {
             match k.as_str() {
@@ -123,6 +134,19 @@ impl ExportOptions {
                         return Err(QmpError::generic(format!("Parameter '{k}' expects uint16")));
                     }
                     o.num_queues = n;
+                }
+                "werror" | "rerror" if o.ty == "vhost-user-blk" => {
+                    let v = val.as_str().unwrap_or("");
+                    if !ON_ERROR.contains(&v) {
+                        return Err(QmpError::generic(format!(
+                            "Parameter '{k}' does not accept value '{v}'"
+                        )));
+                    }
+                    if k == "werror" {
+                        o.werror = Some(v.to_string());
+                    } else {
+                        o.rerror = Some(v.to_string());
+                    }
                 }
                 "addr" if o.ty == "vhost-user-blk" => {
                     let a = val.as_object().ok_or_else(|| {
@@ -152,15 +176,22 @@ pub trait RunningExport: Send {
     fn in_use(&self) -> bool;
     /// Disconnects clients and stops serving; returns once nothing is in flight.
     fn stop(&mut self);
+    /// The guest device to list in `query-block` and resume with `cont`, if the
+    /// export has one worth listing (an error policy was asked for).
+    fn device(&self) -> Option<Arc<dyn GuestDevice>> {
+        None
+    }
 }
 
 /// Starts exports of the types a program supports.
 pub trait ExportDriver: Send + Sync {
     /// Starts the export `opts` of `node`, or explains (in QEMU's words) why not.
+    /// Events the export raises (`BLOCK_IO_ERROR`) go to `events`.
     fn start(
         &self,
         opts: &ExportOptions,
         node: Arc<BlockNode>,
+        events: Arc<dyn EventSink>,
     ) -> Result<Box<dyn RunningExport>, String>;
 }
 
@@ -213,14 +244,26 @@ impl ExportState {
                 "Cannot export read-only node as writable",
             ));
         }
-        let export = self.driver.start(&opts, node).map_err(QmpError::generic)?;
+        let export = self
+            .driver
+            .start(&opts, node, block.event_sink())
+            .map_err(QmpError::generic)?;
+        if let Some(d) = export.device() {
+            block.add_device(d);
+        }
         // QEMU lists the newest export first.
         self.lock().insert(0, Entry { opts, export });
         Ok(())
     }
 
     /// `block-export-del`; emits `BLOCK_EXPORT_DELETED` once the export is gone.
-    pub fn del(&self, id: &str, hard: bool, events: Option<&EventSender>) -> Result<(), QmpError> {
+    pub fn del(
+        &self,
+        block: &BlockState,
+        id: &str,
+        hard: bool,
+        events: Option<&EventSender>,
+    ) -> Result<(), QmpError> {
         let mut entry = {
             let mut list = self.lock();
             let pos = list
@@ -232,6 +275,7 @@ impl ExportState {
             }
             list.remove(pos)
         };
+        block.remove_device(id);
         entry.export.stop();
         if let Some(ev) = events {
             ev.emit("BLOCK_EXPORT_DELETED", Some(json!({ "id": id })));
@@ -257,9 +301,10 @@ impl ExportState {
     }
 
     /// Stops every export (daemon shutdown), newest first.
-    pub fn stop_all(&self) {
+    pub fn stop_all(&self, block: &BlockState) {
         let entries: Vec<Entry> = std::mem::take(&mut *self.lock());
         for mut e in entries {
+            block.remove_device(&e.opts.id);
             e.export.stop();
         }
     }
@@ -303,7 +348,9 @@ fn block_export_options_type() -> ObjectType {
     let vub = ObjectType::new("BlockExportOptionsVhostUserBlk")
         .member("addr", socket_address_type())
         .optional("logical-block-size", Type::Size)
-        .optional("num-queues", Type::Uint16);
+        .optional("num-queues", Type::Uint16)
+        .optional("werror", Type::enumeration("BlockdevOnError", ON_ERROR))
+        .optional("rerror", Type::enumeration("BlockdevOnError", ON_ERROR));
     let nbd = ObjectType::new("BlockExportOptionsNbd")
         .optional("name", Type::Str)
         .optional("description", Type::Str)
@@ -346,11 +393,11 @@ pub fn register(
         })
         .args(block_export_options_type()),
     )?;
-    let x = exports.clone();
+    let (b, x) = (block.clone(), exports.clone());
     reg.register(
         Command::new("block-export-del", move |args, ctx| {
             let hard = args.get("mode").and_then(Value::as_str) == Some("hard");
-            x.del(str_arg(args, "id"), hard, Some(ctx.events()))?;
+            x.del(&b, str_arg(args, "id"), hard, Some(ctx.events()))?;
             Ok(json!({}))
         })
         .args(

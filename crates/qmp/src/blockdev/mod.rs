@@ -2,6 +2,8 @@
 //! node management, dirty bitmaps, block jobs, backup and `transaction`. Each
 //! submodule registers its commands with QEMU 10's argument schemas; handlers call
 //! into `strata-block` and `strata-jobs` and map their errors to QMP classes.
+//! Guest devices with an error policy (exports created with `werror`/`rerror`) are
+//! listed by `query-block` and resumed by `cont`.
 
 mod backup;
 mod bitmaps;
@@ -10,15 +12,29 @@ mod jobs;
 mod nodes;
 mod transaction;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use strata_block::{BlockError, BlockGraph, ErrorClass as BlockClass};
 use strata_jobs::{EventSink, JobManager};
 
-use crate::dispatch::{Registry, RegistryError};
+use crate::dispatch::{Command, Registry, RegistryError};
 use crate::error::{ErrorClass, QmpError};
 use crate::events::EventSender;
+use crate::schema::{ObjectType, Type};
+
+/// A guest-facing device on a node whose error policy can stop it (QEMU's device
+/// with `werror`/`rerror`): `query-block` shows its io-status, `cont` resumes it.
+pub trait GuestDevice: Send + Sync {
+    /// The device id (`qdev` in `query-block`, `qom-path` in `BLOCK_IO_ERROR`).
+    fn id(&self) -> String;
+    /// The node the device uses.
+    fn node_name(&self) -> String;
+    /// `ok`, `failed` or `nospace`.
+    fn io_status(&self) -> &'static str;
+    /// Clears the io-status and retries the requests held by a stop.
+    fn resume(&self);
+}
 
 /// The block layer a monitor controls.
 pub struct BlockState {
@@ -27,6 +43,7 @@ pub struct BlockState {
     /// The block jobs.
     pub jobs: Arc<JobManager>,
     events: Arc<LateEvents>,
+    devices: Mutex<Vec<Arc<dyn GuestDevice>>>,
 }
 
 /// Events emitted before the server exists are dropped; afterwards they go to
@@ -50,7 +67,32 @@ impl BlockState {
             graph: Arc::new(BlockGraph::new()),
             jobs: Arc::new(JobManager::new(events.clone())),
             events,
+            devices: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Where events go (dropped until a server is attached).
+    pub fn event_sink(&self) -> Arc<dyn EventSink> {
+        self.events.clone()
+    }
+
+    fn device_list(&self) -> std::sync::MutexGuard<'_, Vec<Arc<dyn GuestDevice>>> {
+        self.devices.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Lists a device in `query-block` (newest first) and lets `cont` resume it.
+    pub fn add_device(&self, d: Arc<dyn GuestDevice>) {
+        self.device_list().insert(0, d);
+    }
+
+    /// Forgets the device `id`.
+    pub fn remove_device(&self, id: &str) {
+        self.device_list().retain(|d| d.id() != id);
+    }
+
+    /// The registered devices, newest first.
+    pub fn devices(&self) -> Vec<Arc<dyn GuestDevice>> {
+        self.device_list().clone()
     }
 
     /// Connects job events to the server's broadcaster (once).
@@ -73,6 +115,40 @@ pub fn register(reg: &mut Registry, state: &Arc<BlockState>) -> Result<(), Regis
     jobs::register(reg, state)?;
     backup::register(reg, state)?;
     transaction::register(reg, state)?;
+    reg.register_event(
+        "BLOCK_IO_ERROR",
+        ObjectType::new("q_obj_BLOCK_IO_ERROR-arg")
+            .member("qom-path", Type::Str)
+            .member("device", Type::Str)
+            .optional("node-name", Type::Str)
+            .member(
+                "operation",
+                Type::enumeration("IoOperationType", &["read", "write"]),
+            )
+            .member(
+                "action",
+                Type::enumeration("BlockErrorAction", &["ignore", "report", "stop"]),
+            )
+            .optional("nospace", Type::Bool)
+            .member("reason", Type::Str),
+    )?;
+    Ok(())
+}
+
+/// `cont` for a process without a VM run state (the storage daemon): resumes every
+/// device the error policy stopped. A VMM registers its own `cont`, which resumes the
+/// guest and its devices together.
+pub fn register_device_cont(
+    reg: &mut Registry,
+    state: &Arc<BlockState>,
+) -> Result<(), RegistryError> {
+    let s = state.clone();
+    reg.register(Command::new("cont", move |_, _| {
+        for d in s.devices() {
+            d.resume();
+        }
+        Ok(json!({}))
+    }))?;
     Ok(())
 }
 

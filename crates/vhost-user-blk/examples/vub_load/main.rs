@@ -4,7 +4,10 @@
 //! in flight for `--seconds` and prints one JSON line with IOPS and MiB/s.
 //!
 //! Used by `tests/perf/vhost_user_blk.sh` to compare strata-storage-daemon with
-//! qemu-storage-daemon on the same image.
+//! qemu-storage-daemon on the same image. `--hostile` sends malformed chains instead,
+//! and `--probe` takes single requests from standard input (see `probe.rs`).
+
+mod probe;
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
@@ -47,15 +50,19 @@ struct Args {
     /// check each answer (exit status 0 when the backend answered as the spec says).
     #[arg(long)]
     hostile: bool,
+    /// Instead of a load, read commands from standard input and print each answer
+    /// (`w SECTOR BYTE`, `r SECTOR`, `wait MS`; see probe.rs).
+    #[arg(long)]
+    probe: bool,
 }
 
-const QSIZE: u16 = 256;
-const DESC: u64 = 0;
-const AVAIL: u64 = 0x1000;
-const USED: u64 = 0x2000;
-const HDR: u64 = 0x10_0000;
-const STATUS: u64 = 0x18_0000;
-const DATA: u64 = 0x20_0000;
+pub(crate) const QSIZE: u16 = 256;
+pub(crate) const DESC: u64 = 0;
+pub(crate) const AVAIL: u64 = 0x1000;
+pub(crate) const USED: u64 = 0x2000;
+pub(crate) const HDR: u64 = 0x10_0000;
+pub(crate) const STATUS: u64 = 0x18_0000;
+pub(crate) const DATA: u64 = 0x20_0000;
 const VERSION_1: u64 = 1 << 32;
 
 fn main() {
@@ -154,6 +161,9 @@ fn run(a: &Args) -> Result<(), String> {
 
     if a.hostile {
         return hostile(&mem, &kick, &call, capacity);
+    }
+    if a.probe {
+        return probe::run(&mem, &kick, &call, qd, a.bs);
     }
     let span = if a.span == 0 {
         capacity
@@ -456,14 +466,18 @@ fn hostile(
 }
 
 /// Waits up to 100 ms for a notification.
-fn wait_call_timeout(call: &EventFd) -> std::io::Result<()> {
+pub(crate) fn wait_call_timeout(call: &EventFd) -> std::io::Result<()> {
     let mut p = libc::pollfd {
         fd: std::os::fd::AsRawFd::as_raw_fd(call),
         events: libc::POLLIN,
         revents: 0,
     };
     // SAFETY: one valid pollfd, for the duration of the call.
-    unsafe { libc::poll(&mut p, 1, 100) };
+    let n = unsafe { libc::poll(&mut p, 1, 100) };
+    // Read only when readable: the eventfd may be blocking.
+    if n <= 0 || p.revents & libc::POLLIN == 0 {
+        return Ok(());
+    }
     match call.read() {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
