@@ -192,6 +192,70 @@ impl Model {
     }
 }
 
+/// A binary or an example of a workspace package.
+#[derive(Debug, Clone, Copy)]
+pub enum Artifact<'a> {
+    /// `--bin NAME`.
+    Bin(&'a str),
+    /// `--example NAME`.
+    Example(&'a str),
+}
+
+/// The directory this test binary's profile builds into (`target/<profile>`).
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binary is not inside target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// `artifact` of workspace package `package`, built on first use into this test's
+/// profile directory with the same profile (`cargo test` builds only this package's
+/// targets; the build is a no-op when the artifact is fresh). Environment variable
+/// `var` overrides the path.
+pub fn cargo_artifact(package: &str, artifact: Artifact<'_>, var: &str) -> PathBuf {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    if let Ok(p) = std::env::var(var) {
+        return PathBuf::from(p);
+    }
+    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let key = format!("{package} {artifact:?}");
+    if let Some(p) = built.get(&key) {
+        return p.clone();
+    }
+    let dir = profile_dir();
+    let mut c = std::process::Command::new(env!("CARGO"));
+    c.args(["build", "--quiet", "-p", package]);
+    let path = match artifact {
+        Artifact::Bin(name) => {
+            c.args(["--bin", name]);
+            dir.join(name)
+        }
+        Artifact::Example(name) => {
+            c.args(["--example", name]);
+            dir.join("examples").join(name)
+        }
+    };
+    if dir.file_name().is_some_and(|n| n == "release") {
+        c.arg("--release");
+    }
+    if let Some(target) = dir.parent() {
+        c.env("CARGO_TARGET_DIR", target);
+    }
+    assert!(
+        c.status().expect("cargo build").success(),
+        "cannot build {key}"
+    );
+    built.insert(key, path.clone());
+    path
+}
+
 /// Where `strata-storage-daemon` is (see [`workspace_bin`]).
 pub fn strata_storage_daemon_bin() -> PathBuf {
     workspace_bin("strata-storage-daemon", "STRATA_STORAGE_DAEMON")

@@ -18,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use strata_tests::qmp::Qmp;
-use strata_tests::{qemu, require_qemu, s, stamps, tempdir, MIB};
+use strata_tests::{cargo_artifact, qemu, require_qemu, s, stamps, tempdir, Artifact, MIB};
 
 #[path = "vhost_user_blk/errors.rs"]
 mod errors;
@@ -79,62 +79,22 @@ macro_rules! require_guest {
     };
 }
 
-/// The daemon binary, next to this test's directory. It belongs to another package,
-/// so `cargo test` does not rebuild it: the first call runs `cargo build` for it (a
-/// no-op when it is fresh). `STRATA_STORAGE_DAEMON` overrides the path.
+/// The daemon binary (built on first use; `STRATA_STORAGE_DAEMON` overrides the path).
 fn daemon_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Ok(p) = std::env::var("STRATA_STORAGE_DAEMON") {
-            return p.into();
-        }
-        let exe = std::env::current_exe().expect("current exe");
-        let dir = exe.parent().and_then(Path::parent).expect("target dir");
-        let mut c = Command::new(env!("CARGO"));
-        c.args(["build", "--quiet", "-p", "strata-storage-daemon"]);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            c.arg("--release");
-        }
-        if let Some(target) = dir.parent() {
-            c.env("CARGO_TARGET_DIR", target);
-        }
-        assert!(
-            c.status().expect("cargo build").success(),
-            "cannot build strata-storage-daemon"
-        );
-        dir.join("strata-storage-daemon")
-    })
-    .clone()
+    cargo_artifact(
+        "strata-storage-daemon",
+        Artifact::Bin("strata-storage-daemon"),
+        "STRATA_STORAGE_DAEMON",
+    )
 }
 
 /// The vhost-user frontend example (`vub_load`), built on first use like the daemon.
 fn load_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("current exe");
-        let dir = exe.parent().and_then(Path::parent).expect("target dir");
-        let mut c = Command::new(env!("CARGO"));
-        c.args([
-            "build",
-            "--quiet",
-            "-p",
-            "strata-vhost-user-blk",
-            "--example",
-            "vub_load",
-        ]);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            c.arg("--release");
-        }
-        if let Some(target) = dir.parent() {
-            c.env("CARGO_TARGET_DIR", target);
-        }
-        assert!(
-            c.status().expect("cargo build").success(),
-            "cannot build vub_load"
-        );
-        dir.join("examples/vub_load")
-    })
-    .clone()
+    cargo_artifact(
+        "strata-vhost-user-blk",
+        Artifact::Example("vub_load"),
+        "STRATA_VUB_LOAD",
+    )
 }
 
 /// One running `strata-storage-daemon` with a format node `disk` (qcow2 unless
@@ -151,18 +111,29 @@ impl Daemon {
     }
 
     fn start_format(dir: &Path, image: &Path, format: &str, export_opts: &str) -> Daemon {
+        Daemon::start_nodes(
+            dir,
+            &[
+                format!(
+                    "driver=file,filename={},node-name=file0,discard=unmap",
+                    s(image)
+                ),
+                format!("driver={format},file=file0,node-name=disk,discard=unmap"),
+            ],
+            export_opts,
+        )
+    }
+
+    /// A daemon with the `--blockdev` options `nodes`, the last of which must be the
+    /// node `disk` that is exported as `exp0` with `export_opts`.
+    fn start_nodes(dir: &Path, nodes: &[String], export_opts: &str) -> Daemon {
         let sock = dir.join("vub.sock");
         let qmp = dir.join("qmp.sock");
-        let child = Command::new(daemon_bin())
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,filename={},node-name=file0,discard=unmap",
-                s(image)
-            ))
-            .arg("--blockdev")
-            .arg(format!(
-                "driver={format},file=file0,node-name=disk,discard=unmap"
-            ))
+        let mut cmd = Command::new(daemon_bin());
+        for n in nodes {
+            cmd.arg("--blockdev").arg(n);
+        }
+        let child = cmd
             .arg("--export")
             .arg(format!(
                 "type=vhost-user-blk,id=exp0,node-name=disk,addr.type=unix,addr.path={}{export_opts}",

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use strata_tests::qmp::Qmp;
 use strata_tests::vmm_guest as vg;
-use strata_tests::{qemu, require_qemu, s, stamps, tempdir};
+use strata_tests::{cargo_artifact, profile_dir, qemu, require_qemu, s, stamps, tempdir, Artifact};
 
 /// Why KVM cannot be used, if it cannot.
 fn kvm() -> Result<(), String> {
@@ -37,7 +37,7 @@ fn guest() -> Result<PathBuf, String> {
             if !script.exists() {
                 return Err(format!("{} is missing", script.display()));
             }
-            let out_dir = target_dir().join("vmm_guest");
+            let out_dir = profile_dir().join("vmm_guest");
             let out = Command::new("sh")
                 .arg(&script)
                 .arg(&out_dir)
@@ -66,40 +66,9 @@ macro_rules! require_vm {
     };
 }
 
-/// The directory the test binaries are in (`target/<profile>`).
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf()
-}
-
-/// The strata-vm binary. It belongs to another package, so `cargo test` does not
-/// rebuild it: the first call runs `cargo build` for it (a no-op when it is fresh).
-/// `STRATA_VM` overrides the path.
+/// The strata-vm binary (built on first use; `STRATA_VM` overrides the path).
 fn vm_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Ok(p) = std::env::var("STRATA_VM") {
-            return p.into();
-        }
-        let dir = target_dir();
-        let mut c = Command::new(env!("CARGO"));
-        c.args(["build", "--quiet", "-p", "strata-vm", "--bin", "strata-vm"]);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            c.arg("--release");
-        }
-        if let Some(target) = dir.parent() {
-            c.env("CARGO_TARGET_DIR", target);
-        }
-        assert!(
-            c.status().expect("cargo build").success(),
-            "cannot build strata-vm"
-        );
-        dir.join("strata-vm")
-    })
-    .clone()
+    cargo_artifact("strata-vm", Artifact::Bin("strata-vm"), "STRATA_VM")
 }
 
 /// A running strata-vm with the test guest; console lines are collected as they

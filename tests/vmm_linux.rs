@@ -22,11 +22,10 @@ mod linux_guest;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use linux_guest::{guest, line_with, run_vm};
-use strata_tests::{qemu, require_qemu, s, tempdir};
+use strata_tests::{cargo_artifact, qemu, require_qemu, s, tempdir, Artifact};
 use strata_vm::acpi::{build_tables, AcpiConfig, MmioDevice};
 use strata_vm::layout;
 use strata_vm::memory::{self, e820};
@@ -46,31 +45,9 @@ fn kvm() -> Result<(), String> {
         .map_err(|e| format!("/dev/kvm is not usable ({e})"))
 }
 
-/// The strata-vm binary, built on first use (it belongs to another package, so `cargo
-/// test` does not build it). `STRATA_VM` overrides the path.
+/// The strata-vm binary (built on first use; `STRATA_VM` overrides the path).
 fn vm_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Ok(p) = std::env::var("STRATA_VM") {
-            return p.into();
-        }
-        let exe = std::env::current_exe().expect("current exe");
-        let dir = exe.parent().and_then(Path::parent).expect("target dir");
-        let mut c = Command::new(env!("CARGO"));
-        c.args(["build", "--quiet", "-p", "strata-vm", "--bin", "strata-vm"]);
-        if dir.file_name().is_some_and(|n| n == "release") {
-            c.arg("--release");
-        }
-        if let Some(target) = dir.parent() {
-            c.env("CARGO_TARGET_DIR", target);
-        }
-        assert!(
-            c.status().expect("cargo build").success(),
-            "cannot build strata-vm"
-        );
-        dir.join("strata-vm")
-    })
-    .clone()
+    cargo_artifact("strata-vm", Artifact::Bin("strata-vm"), "STRATA_VM")
 }
 
 /// One e820 line as Linux prints it: `BIOS-e820: [mem 0xSTART-0xEND] TYPE`.

@@ -11,58 +11,24 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use strata_tests::{qemu, require_qemu, s, tempdir};
 
-use super::{daemon_bin, load_bin, Qmp};
+use super::{load_bin, Daemon, Qmp};
 
 /// `strata-storage-daemon` serving a raw image through a blkdebug node with `rules`,
 /// exported as `exp0` with `policy` (e.g. `,werror=stop`).
-struct ErrDaemon {
-    child: Child,
-    sock: std::path::PathBuf,
-    qmp: std::path::PathBuf,
-}
-
-impl ErrDaemon {
-    fn start(dir: &Path, rules: Value, policy: &str) -> ErrDaemon {
-        let image = dir.join("disk.raw");
-        qemu::create(&image, "raw", "", "16M");
-        let sock = dir.join("vub.sock");
-        let qmp = dir.join("qmp.sock");
-        let dbg = json!({"driver": "blkdebug", "node-name": "dbg", "image": "file0",
-                         "inject-error": rules});
-        let child = Command::new(daemon_bin())
-            .arg("--blockdev")
-            .arg(format!("driver=file,filename={},node-name=file0", s(&image)))
-            .arg("--blockdev")
-            .arg(dbg.to_string())
-            .args(["--blockdev", "driver=raw,file=dbg,node-name=disk"])
-            .arg("--export")
-            .arg(format!(
-                "type=vhost-user-blk,id=exp0,node-name=disk,addr.type=unix,addr.path={},writable=on{policy}",
-                s(&sock)
-            ))
-            .arg("--chardev")
-            .arg(format!("socket,id=m0,path={},server=on,wait=off", s(&qmp)))
-            .args(["--monitor", "chardev=m0"])
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start strata-storage-daemon");
-        let t = Instant::now();
-        while !(sock.exists() && qmp.exists()) {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "daemon did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        ErrDaemon { child, sock, qmp }
-    }
-}
-
-impl Drop for ErrDaemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn err_daemon(dir: &Path, rules: Value, policy: &str) -> Daemon {
+    let image = dir.join("disk.raw");
+    qemu::create(&image, "raw", "", "16M");
+    let dbg = json!({"driver": "blkdebug", "node-name": "dbg", "image": "file0",
+                     "inject-error": rules});
+    Daemon::start_nodes(
+        dir,
+        &[
+            format!("driver=file,filename={},node-name=file0", s(&image)),
+            dbg.to_string(),
+            "driver=raw,file=dbg,node-name=disk".to_string(),
+        ],
+        &format!(",writable=on{policy}"),
+    )
 }
 
 /// `vub_load --probe`: one request at a time, answers read back as JSON.
@@ -162,7 +128,7 @@ fn rule(event: &str, errno: u32, sector: u64) -> Value {
 fn werror_stop_holds_the_write_until_cont_then_completes_it() {
     require_qemu!();
     let dir = tempdir();
-    let d = ErrDaemon::start(
+    let d = err_daemon(
         dir.path(),
         json!([rule("write_aio", 5, 64)]),
         ",werror=stop",
@@ -224,7 +190,7 @@ fn rerror_report_and_werror_ignore_answer_at_once_with_events() {
     require_qemu!();
     let dir = tempdir();
     let rules = json!([rule("read_aio", 5, 8), rule("write_aio", 5, 16)]);
-    let d = ErrDaemon::start(dir.path(), rules, ",werror=ignore,rerror=report");
+    let d = err_daemon(dir.path(), rules, ",werror=ignore,rerror=report");
     let mut q = Qmp::connect(&d.qmp);
     let mut p = Probe::start(&d.sock);
     p.read(8);
@@ -253,7 +219,7 @@ fn werror_enospc_stops_on_no_space_only() {
     require_qemu!();
     let dir = tempdir();
     let rules = json!([rule("write_aio", 5, 8), rule("write_aio", 28, 16)]);
-    let d = ErrDaemon::start(dir.path(), rules, ",werror=enospc");
+    let d = err_daemon(dir.path(), rules, ",werror=enospc");
     let mut q = Qmp::connect(&d.qmp);
     let mut p = Probe::start(&d.sock);
     // EIO: reported.
@@ -288,7 +254,7 @@ fn werror_enospc_stops_on_no_space_only() {
 fn without_a_policy_the_export_behaves_as_qemu_storage_daemon() {
     require_qemu!();
     let dir = tempdir();
-    let d = ErrDaemon::start(dir.path(), json!([rule("write_aio", 5, 8)]), "");
+    let d = err_daemon(dir.path(), json!([rule("write_aio", 5, 8)]), "");
     let mut q = Qmp::connect(&d.qmp);
     assert_eq!(
         q.cmd(json!({"execute": "query-block"}))["return"],
@@ -314,7 +280,7 @@ fn a_burst_of_requests_runs_concurrently_and_every_answer_arrives() {
     require_qemu!();
     let dir = tempdir();
     // A read error in the middle of the burst: reported for that request only.
-    let d = ErrDaemon::start(
+    let d = err_daemon(
         dir.path(),
         json!([rule("read_aio", 5, 8 * 9)]),
         ",rerror=report",
