@@ -588,28 +588,13 @@ fn live_backup(format: &str) {
         "sync": "full", "speed": 4194304}}));
     let started = Instant::now();
     assert!(r.get("return").is_some(), "drive-backup: {r}");
-    let mut stale = 0;
-    if format == "raw" {
-        for i in 0..5 {
-            let floor = acked.load(Ordering::SeqCst);
-            let data = stamps::read_live(&image, 1 << 20, Duration::from_millis(8)).expect("read");
-            let verdict = stamps::check_detailed(&data, STAMP_BLOCKS);
-            println!("live copy {i} (at least {floor} stamps on disk): {verdict:?}");
-            match verdict {
-                Err(stamps::Inconsistency::Stale { high, .. }) => {
-                    assert!(high >= floor, "copy {i}: highest stamp {high} < {floor}");
-                    stale += 1;
-                }
-                Err(stamps::Inconsistency::Other(e)) => {
-                    println!("live copy {i}: other inconsistency: {e}");
-                }
-                Ok(h) => assert!(h >= floor, "copy {i}: holds {h}, {floor} were on disk"),
-            }
-            if stale > 0 && i >= 2 {
-                break;
-            }
-        }
-    }
+    let stale = if format == "raw" {
+        stamps::stale_live_copies(&image, STAMP_BLOCKS, 5, Duration::from_millis(8), || {
+            acked.load(Ordering::SeqCst)
+        })
+    } else {
+        0
+    };
     let ev = q.wait_event("BLOCK_JOB_COMPLETED");
     assert!(ev["data"].get("error").is_none(), "backup failed: {ev}");
     let after_backup = acked.load(Ordering::SeqCst);

@@ -698,35 +698,6 @@ fn live_backup_over_qmp_is_point_in_time_qcow2() {
     live_backup("qcow2");
 }
 
-/// Live copies of a raw disk read behind the VMM's back while the guest stamps: each
-/// is read in 1 MiB pieces with a pause after each, as a naive copy tool would, so the
-/// guest writes during the copy. Returns how many were rejected with a stale block,
-/// printing every verdict.
-fn live_copies_of_raw(image: &Path, vm: &Vm, copies: usize) -> usize {
-    let mut stale = 0;
-    for i in 0..copies {
-        let floor = vm.stamped();
-        let data = stamps::read_live(image, 1 << 20, Duration::from_millis(4)).expect("read");
-        let verdict = stamps::check_detailed(&data, STAMP_BLOCKS);
-        println!("live copy {i} (at least {floor} stamps on disk): {verdict:?}");
-        match verdict {
-            Err(stamps::Inconsistency::Stale { high, .. }) => {
-                assert!(high >= floor, "copy {i}: highest stamp {high} < {floor}");
-                stale += 1;
-            }
-            Err(stamps::Inconsistency::Other(e)) => {
-                // A torn block is also a real inconsistency, but not the one looked for.
-                println!("live copy {i}: other inconsistency: {e}");
-            }
-            Ok(h) => assert!(h >= floor, "copy {i}: holds {h}, {floor} were on disk"),
-        }
-        if stale > 0 && i >= 2 {
-            break;
-        }
-    }
-    stale
-}
-
 /// `drive-backup` of the running guest's disk (`format`: raw or qcow2) while it stamps:
 /// the backup is one moment of the stamp sequence, at or after the backup's start.
 /// With a raw disk, the negative control copies the live file directly and must see a
@@ -761,7 +732,9 @@ fn live_backup(format: &str) {
     assert!(r.get("return").is_some(), "drive-backup: {r}");
     let started = Instant::now();
     let stale = if format == "raw" {
-        live_copies_of_raw(&image, &vm, 6)
+        stamps::stale_live_copies(&image, STAMP_BLOCKS, 6, Duration::from_millis(4), || {
+            vm.stamped()
+        })
     } else {
         0
     };

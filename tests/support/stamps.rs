@@ -159,6 +159,43 @@ pub fn check_detailed(disk: &[u8], blocks: u64) -> Result<u64, Inconsistency> {
     Ok(h)
 }
 
+/// The negative control of a live backup: up to `copies` copies of the raw disk at
+/// `path` read behind the writer's back (with [`read_live`]: 1 MiB pieces, `pause`
+/// after each) while the guest stamps. Returns how many were rejected with a stale
+/// block, printing every verdict. `floor` gives the stamps known to be on the disk
+/// when a copy starts: a copy holding fewer is a failure of the harness, not a stale
+/// copy. Stops early once a stale copy was seen after three copies.
+pub fn stale_live_copies(
+    path: &std::path::Path,
+    blocks: u64,
+    copies: usize,
+    pause: std::time::Duration,
+    floor: impl Fn() -> u64,
+) -> usize {
+    let mut stale = 0;
+    for i in 0..copies {
+        let floor = floor();
+        let data = read_live(path, 1 << 20, pause).expect("read the live disk");
+        let verdict = check_detailed(&data, blocks);
+        println!("live copy {i} (at least {floor} stamps on disk): {verdict:?}");
+        match verdict {
+            Err(Inconsistency::Stale { high, .. }) => {
+                assert!(high >= floor, "copy {i}: highest stamp {high} < {floor}");
+                stale += 1;
+            }
+            Err(Inconsistency::Other(e)) => {
+                // A torn block is also a real inconsistency, but not the one looked for.
+                println!("live copy {i}: other inconsistency: {e}");
+            }
+            Ok(h) => assert!(h >= floor, "copy {i}: holds {h}, {floor} were on disk"),
+        }
+        if stale > 0 && i >= 2 {
+            break;
+        }
+    }
+    stale
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
