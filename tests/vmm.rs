@@ -487,7 +487,7 @@ fn werror_stop_pauses_the_vm_and_cont_retries_the_write() {
     let r = q.cmd(serde_json::json!({"execute": "query-status"}));
     assert_eq!(
         r["return"],
-        serde_json::json!({"running": false, "status": "paused"})
+        serde_json::json!({"running": false, "status": "prelaunch"})
     );
     assert!(vm.lines().is_empty(), "the guest ran before cont");
     let r = q.cmd(serde_json::json!({"execute": "cont"}));

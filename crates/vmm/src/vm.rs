@@ -38,6 +38,8 @@ pub const MAX_VCPUS: u8 = 64;
 pub enum RunState {
     /// The vCPUs run.
     Running,
+    /// Started with `-S` and not continued yet.
+    Prelaunch,
     /// Stopped by `stop`.
     Paused,
     /// Stopped by a disk's error policy (`werror=stop`/`enospc`, `rerror=stop`).
@@ -53,6 +55,7 @@ impl RunState {
     pub fn as_str(self) -> &'static str {
         match self {
             RunState::Running => "running",
+            RunState::Prelaunch => "prelaunch",
             RunState::Paused => "paused",
             RunState::IoError => "io-error",
             RunState::Shutdown => "shutdown",
@@ -410,7 +413,7 @@ impl VmCore {
     pub fn cont(&self) -> Result<(), String> {
         match self.status() {
             RunState::Running => return Ok(()),
-            RunState::Paused | RunState::IoError => {}
+            RunState::Prelaunch | RunState::Paused | RunState::IoError => {}
             RunState::Shutdown | RunState::InternalError => {
                 return Err("Resetting the Virtual Machine is required".into())
             }
@@ -616,7 +619,7 @@ impl Vm {
             disks,
             ged,
             state: Mutex::new(if cfg.start_paused {
-                RunState::Paused
+                RunState::Prelaunch
             } else {
                 RunState::Running
             }),
