@@ -132,7 +132,9 @@ impl Vm {
             for line in BufReader::new(out).split(b'\n') {
                 let Ok(line) = line else { break };
                 let text = String::from_utf8_lossy(&line);
-                if let Some(i) = text.find("STRATA-GUEST: ") {
+                // The last report on the line: a reset can cut the guest off in the
+                // middle of a line, and the next boot's report then follows on it.
+                if let Some(i) = text.rfind("STRATA-GUEST: ") {
                     l2.lock()
                         .unwrap()
                         .push(text[i + 14..].trim_end().to_string());
