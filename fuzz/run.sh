@@ -20,7 +20,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 
 toolchain="${FUZZ_TOOLCHAIN:-nightly}"
-targets="${FUZZ_TARGETS:-qcow2_header qcow2_open qcow2_model raw_model qmp_json qmp_session qmp_commands blockdev_options virtio_blk virtio_mmio}"
+targets="${FUZZ_TARGETS:-qcow2_header qcow2_open qcow2_model raw_model qmp_json qmp_session qmp_commands blockdev_options virtio_blk virtio_mmio vm_options}"
 export CARGO_BUILD_JOBS="${FUZZ_JOBS:-1}"
 
 # Per-target libFuzzer options: the longest input and the dictionary.
@@ -34,6 +34,7 @@ target_args() {
         blockdev_options) echo "-max_len=1024 -dict=dict/blockdev.dict" ;;
         virtio_blk) echo "-max_len=65536" ;;
         virtio_mmio) echo "-max_len=8192" ;;
+        vm_options) echo "-max_len=1024 -dict=dict/blockdev.dict" ;;
         *) echo "unknown target $1" >&2; exit 2 ;;
     esac
 }

@@ -246,13 +246,23 @@ fn probe_format(path: &str) -> String {
     }
 }
 
-/// Parses one `--drive`; `index` names drives without an id.
+/// Parses one `--drive`; `index` names drives without an id. Without `format=` the
+/// image file is probed.
 pub fn parse_drive(s: &str, index: usize) -> Result<DriveSpec, String> {
+    parse_drive_with(s, index, probe_format)
+}
+
+/// [`parse_drive`] with `probe` naming the format of a file given without `format=`.
+pub fn parse_drive_with(
+    s: &str,
+    index: usize,
+    probe: impl FnOnce(&str) -> String,
+) -> Result<DriveSpec, String> {
     let mut m = kv(s)?;
     let file = take_str(&mut m, "file")?.ok_or("Parameter 'file' is missing")?;
     let format = match take_str(&mut m, "format")? {
         Some(f) => f,
-        None => probe_format(&file),
+        None => probe(&file),
     };
     let id = take_str(&mut m, "id")?.unwrap_or_else(|| format!("virtio{index}"));
     let iface = take_str(&mut m, "if")?.unwrap_or_else(|| "virtio".into());

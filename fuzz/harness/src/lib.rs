@@ -26,6 +26,8 @@
 //!   by the device on an in-memory disk.
 //! - [`virtio_mmio`]: strata-vm's virtio-mmio register file under a script of hostile
 //!   guest register accesses, memory stores and queue processing.
+//! - [`vm_options`]: strata-vm's `--drive`, `--device`, `-m`, `--smp`, `--serial` and
+//!   `--qmp` parsers.
 
 mod blockdev;
 mod disk;
@@ -39,6 +41,7 @@ mod qmp_scratch;
 mod qmp_session;
 mod virtio_blk;
 mod virtio_mmio;
+mod vm_options;
 
 pub use blockdev::blockdev_options;
 pub use header::qcow2_header;
@@ -49,6 +52,7 @@ pub use qmp_json::qmp_json;
 pub use qmp_session::qmp_session;
 pub use virtio_blk::virtio_blk;
 pub use virtio_mmio::virtio_mmio;
+pub use vm_options::vm_options;
 
 /// Whether to print what a target decodes and does to stderr (`STRATA_FUZZ_TRACE=1`),
 /// to read what a crashing or slow input does.
@@ -76,4 +80,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("blockdev_options", blockdev_options),
     ("virtio_blk", virtio_blk),
     ("virtio_mmio", virtio_mmio),
+    ("vm_options", vm_options),
 ];
