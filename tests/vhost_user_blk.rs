@@ -525,10 +525,6 @@ fn sha256_hex(data: &[u8]) -> String {
 /// 4 KiB blocks the stamp workload scatters over (64 MiB).
 const STAMP_BLOCKS: u64 = 16384;
 
-fn check_stamps(disk: &[u8]) -> Result<u64, String> {
-    stamps::check(disk, STAMP_BLOCKS)
-}
-
 #[test]
 fn live_backup_of_a_running_guest_is_point_in_time_raw() {
     live_backup("raw");
@@ -610,15 +606,8 @@ fn live_backup(format: &str) {
     d.stop();
     assert_clean(&backup);
     let data = qemu::to_raw(&backup);
-    let h = check_stamps(&data).unwrap_or_else(|e| panic!("backup is not point-in-time: {e}"));
-    assert!(
-        h >= before_backup,
-        "backup holds stamps up to {h}, but {before_backup} were on disk when it started"
-    );
-    assert!(
-        after_backup > h + 25,
-        "the guest did not keep writing during the backup ({h} in the backup, {after_backup} at the end)"
-    );
+    let h =
+        stamps::assert_backup_point_in_time(&data, STAMP_BLOCKS, before_backup, after_backup, 25);
     println!("backup holds the disk as of stamp {h}");
     if format == "raw" {
         assert!(

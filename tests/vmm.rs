@@ -753,16 +753,8 @@ fn live_backup(format: &str) {
     assert!(st.success(), "strata-vm exited with {st}");
     assert_clean(&backup);
     let data = qemu::to_raw(&backup);
-    let h = stamps::check(&data, STAMP_BLOCKS)
-        .unwrap_or_else(|e| panic!("backup is not point-in-time: {e}"));
-    assert!(
-        h >= before_backup,
-        "backup holds stamps up to {h}, but {before_backup} were on disk when it started"
-    );
-    assert!(
-        after_backup > h + 100,
-        "the guest did not keep writing during the backup ({h} in the backup, {after_backup} at the end)"
-    );
+    let h =
+        stamps::assert_backup_point_in_time(&data, STAMP_BLOCKS, before_backup, after_backup, 100);
     println!("{format}: backup holds the disk as of stamp {h}");
     if format == "raw" {
         assert!(

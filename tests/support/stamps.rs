@@ -196,6 +196,30 @@ pub fn stale_live_copies(
     stale
 }
 
+/// The verdict on a live backup of a stamping guest: `data` (the backup, as raw) must
+/// be one moment of the stamp sequence, at or after `before` (the stamps on disk when
+/// the job started), and the guest must have written more than `min_during` stamps
+/// past that moment by `after` (the stamps on disk at the end), so that the backup
+/// really ran under writes. Returns the backup's stamp.
+pub fn assert_backup_point_in_time(
+    data: &[u8],
+    blocks: u64,
+    before: u64,
+    after: u64,
+    min_during: u64,
+) -> u64 {
+    let h = check(data, blocks).unwrap_or_else(|e| panic!("backup is not point-in-time: {e}"));
+    assert!(
+        h >= before,
+        "backup holds stamps up to {h}, but {before} were on disk when it started"
+    );
+    assert!(
+        after > h + min_during,
+        "the guest did not keep writing during the backup ({h} in the backup, {after} at the end)"
+    );
+    h
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
