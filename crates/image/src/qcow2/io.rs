@@ -282,13 +282,17 @@ impl Qcow2 {
         let len = (k * cs) as usize;
         if let Some(h) = in_place {
             m.check_in_image(h + (k - 1) * cs, "Data cluster")?;
-            m.check_overlap(h, k * cs, "guest data")?;
+            m.check_data_overlap(h, k * cs)?;
             drop(m);
             self.st.write_at(&data[..len], h)?;
             return Ok(len);
         }
         m.l2_for_write(st, gc)?;
         let host = m.alloc_clusters(st, k)?;
+        if let Err(e) = m.check_data_overlap(host, k * cs) {
+            m.corrupt = true;
+            return Err(e);
+        }
         for c in gc..gc + k {
             m.inflight.insert(c);
         }
@@ -353,7 +357,7 @@ impl Qcow2 {
             if let ClusterType::Normal(h) = classify(entry, self.geo.cluster_bits, self.geo.ext) {
                 if !self.geo.ext || bitmap & touched == touched {
                     m.check_in_image(h, "Data cluster")?;
-                    m.check_overlap(h + in_off, data.len() as u64, "guest data")?;
+                    m.check_data_overlap(h + in_off, data.len() as u64)?;
                     drop(m);
                     return self.st.write_at(data, h + in_off);
                 }
@@ -407,10 +411,15 @@ impl Qcow2 {
         let fresh_from = m.end_cluster;
         let host = if reuse {
             m.check_in_image(host, "Data cluster")?;
-            m.check_overlap(host, cs, "guest data")?;
+            m.check_data_overlap(host, cs)?;
             host
         } else {
-            m.alloc_clusters(st, 1)?
+            let host = m.alloc_clusters(st, 1)?;
+            if let Err(e) = m.check_data_overlap(host, cs) {
+                m.corrupt = true;
+                return Err(e);
+            }
+            host
         };
         let frontier = m.end_cluster * cs;
         drop(m);

@@ -190,6 +190,26 @@ impl Meta {
         Ok(())
     }
 
+    /// [`Meta::check_overlap`] for guest data, which must not land on an L2 table or a
+    /// refcount block either (a corrupt refcount can hand out their clusters).
+    pub fn check_data_overlap(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_overlap(offset, len, "guest data")?;
+        let cs = self.geo.cs;
+        let tables = self
+            .l1
+            .iter()
+            .map(|e| (e & crate::qcow2::l2::OFFSET_MASK, "active L2 table"))
+            .chain(self.rc_table.iter().map(|&o| (o, "refcount block")));
+        for (start, name) in tables {
+            if start != 0 && offset < start.saturating_add(cs) && start < offset + len {
+                return Err(Error::corrupt(format!(
+                    "Preventing invalid write on metadata (overlaps with {name}) while writing guest data"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Fails for a host offset past everything in the image file (and past every
     /// cluster this process allocated): a corrupt entry must not make a write grow
     /// the file to an arbitrary size.

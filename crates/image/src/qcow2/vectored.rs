@@ -135,7 +135,7 @@ impl Qcow2 {
         }
         if let Some(h) = first {
             m.check_in_image(h + (k - 1) * cs, "Data cluster")?;
-            m.check_overlap(h, k * cs, "guest data")?;
+            m.check_data_overlap(h, k * cs)?;
         }
         Ok((first, k.max(1)))
     }
