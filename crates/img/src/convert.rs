@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+use strata_image::storage::AlignedBuf;
 use strata_image::{resolve_backing_path, BackingChoice, CacheMode, Format, FormatDriver};
 
 use crate::create::{parse_create_opts, print_option_help, validate};
@@ -107,6 +108,11 @@ struct Scanner {
     src: usize,
     offset: u64,
     seq: u64,
+    /// The last block-status answer, as (source, end, zero, data or present): one
+    /// query covers a whole extent, which items then take in pieces of at most
+    /// BUF_SIZE. Asking again for every piece would rescan the rest of the extent
+    /// each time.
+    extent: Option<(usize, u64, bool, bool)>,
 }
 
 /// Keeps target writes in source order (qemu-img's default without `-W`), so that a
@@ -162,6 +168,12 @@ struct Job {
 }
 
 impl Job {
+    /// The size of each worker's buffer: no item is longer (a data item is at most
+    /// BUF_SIZE or, when compressing, one target cluster).
+    fn buf_len(&self) -> usize {
+        BUF_SIZE.max(self.cluster) as usize
+    }
+
     fn next_item(&self, sc: &mut Scanner) -> CliResult<Option<Item>> {
         loop {
             let Some(s) = self.sources.get(sc.src) else {
@@ -179,8 +191,19 @@ impl Job {
                 s.chain.len()
             };
             let remaining = size - sc.offset;
-            let st = chain_status(&s.chain, limit, sc.offset, remaining)?;
-            let mut kind = if st.zero {
+            let (ext_end, zero, data) = match sc.extent {
+                Some((src, end, zero, data)) if src == sc.src && sc.offset < end => {
+                    (end, zero, data)
+                }
+                _ => {
+                    let st = chain_status(&s.chain, limit, sc.offset, remaining)?;
+                    let end = sc.offset + st.len.clamp(1, remaining);
+                    let e = (end, st.zero, st.data || st.present);
+                    sc.extent = Some((sc.src, e.0, e.1, e.2));
+                    e
+                }
+            };
+            let mut kind = if zero {
                 if self.min_sparse == 0 {
                     Kind::Data
                 } else if self.has_zero_init {
@@ -188,14 +211,14 @@ impl Job {
                 } else {
                     Kind::Zero
                 }
-            } else if st.data || st.present {
+            } else if data {
                 Kind::Data
             } else if self.limit_top_only {
                 Kind::Skip
             } else {
                 Kind::Data
             };
-            let mut len = st.len.min(remaining);
+            let mut len = ext_end - sc.offset;
             let toff = s.base + sc.offset;
             if self.compress {
                 // Work in whole target clusters.
@@ -233,14 +256,13 @@ impl Job {
         CliError::msg(format!("error while writing at byte {off}: {e}"))
     }
 
-    fn zeroes(&self, off: u64, len: u64, buf: &mut Vec<u8>) -> CliResult<()> {
+    fn zeroes(&self, off: u64, len: u64, buf: &mut [u8]) -> CliResult<()> {
         if self.min_sparse == 0 {
             // Fully allocate: write real zeroes.
             let mut done = 0;
             while done < len {
-                let n = (len - done).min(BUF_SIZE) as usize;
-                buf.clear();
-                buf.resize(n, 0);
+                let n = (len - done).min(buf.len() as u64) as usize;
+                buf[..n].fill(0);
                 self.target
                     .write(&buf[..n], off + done)
                     .map_err(|e| Self::write_err(off + done, e))?;
@@ -253,10 +275,10 @@ impl Job {
             .map_err(|e| Self::write_err(off, e))
     }
 
-    fn run_item(&self, it: &Item, seq: u64, buf: &mut Vec<u8>) -> CliResult<()> {
+    /// Copies one item through `buf` (at least [`Job::buf_len`] bytes).
+    fn run_item(&self, it: &Item, seq: u64, buf: &mut [u8]) -> CliResult<()> {
         if it.kind == Kind::Data {
             let n = it.len as usize;
-            buf.resize(n.max(buf.len()), 0);
             self.sources[it.src]
                 .img
                 .read(&mut buf[..n], it.offset)
@@ -275,7 +297,7 @@ impl Job {
         res
     }
 
-    fn write_item(&self, it: &Item, buf: &mut Vec<u8>) -> CliResult<()> {
+    fn write_item(&self, it: &Item, buf: &mut [u8]) -> CliResult<()> {
         match it.kind {
             Kind::Skip => Ok(()),
             Kind::Zero => self.zeroes(it.target_offset, it.len, buf),
@@ -496,15 +518,29 @@ pub fn run(args: Args) -> CliResult<i32> {
         src: 0,
         offset: 0,
         seq: 0,
+        extent: None,
     });
     let progress = Mutex::new(Progress::new(args.progress && !args.quiet));
     let done = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
     let first_err: Mutex<Option<CliError>> = Mutex::new(None);
+    // `-m` requests in flight, one thread each, except that through the page cache
+    // on both sides a copy is CPU work (two memory copies): threads beyond the CPU
+    // count then only take CPU from the in-order writer to read far ahead. On 2 CPUs,
+    // 1 GiB in the page cache: 8 threads 0.33 s, 2 threads 0.26 s; from a cold cache
+    // (the kernel's readahead still runs ahead) 0.54 s and 0.58 s.
+    let threads = if src_cache.direct() || target_cache.direct() {
+        workers
+    } else {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        workers.min(cpus.max(2))
+    };
     std::thread::scope(|scope| {
-        for _ in 0..workers {
+        for _ in 0..threads {
             scope.spawn(|| {
-                let mut buf = Vec::new();
+                // Huge pages spare the TLB misses of copying 2 MiB at a time through
+                // 4 KiB pages (and give direct I/O one segment per request).
+                let mut buf = AlignedBuf::huge(job.buf_len());
                 loop {
                     if failed.load(Ordering::Relaxed) {
                         return;
