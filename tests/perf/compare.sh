@@ -81,7 +81,7 @@ for bs in 4k 64k; do
         bench -f qcow2 -t none -w -d 32 -c "$count" -s "$bs" "$empty"
 done
 rm -f "$work/out.qcow2" "$work/out.raw"
-row "convert qcow2 -> qcow2" "rm -f \"$work/out.qcow2\"" \
+row "convert qcow2 -> qcow2" "rm -f \"$work/out.qcow2\"; sync" \
     convert -f qcow2 -O qcow2 "$full" "$work/out.qcow2"
-row "convert qcow2 -> raw" "rm -f \"$work/out.raw\"" \
+row "convert qcow2 -> raw" "rm -f \"$work/out.raw\"; sync" \
     convert -f qcow2 -O raw "$full" "$work/out.raw"

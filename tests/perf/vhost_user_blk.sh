@@ -5,19 +5,21 @@
 # memory and a real split virtqueue).
 #
 # Usage: tests/perf/vhost_user_blk.sh [workdir]   (default: a new temporary folder)
-# Env:   SIZE=1G (image size), SECONDS_PER_ROW=5, ONLY=regex (run only the rows whose
+# Env:   SIZE=1G (image size), SECONDS_PER_ROW=5, RUNS=3 (runs per daemon and row,
+#        alternating; the median is reported), ONLY=regex (run only the rows whose
 #        "format rw bs qd" matches, e.g. ONLY='raw read 1048576')
 #
 # Prints a Markdown table: IOPS (and MiB/s) of each daemon per row and the ratio
-# strata/qemu (at or above 1.0: Strata is as fast or faster). Both daemons serve the
-# same fully written image with cache.direct=off; rows run one after the other, with
-# a `sync` after each daemon's run so that none inherits another's dirty pages.
+# strata/qemu of the medians (at or above 1.0: Strata is as fast or faster). Both
+# daemons serve the same fully written image with cache.direct=off; each run gets a
+# fresh daemon and is followed by a `sync`, so that none inherits another's dirty pages.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/../.." && pwd)
 work=${1:-$(mktemp -d)}
 size=${SIZE:-1G}
 secs=${SECONDS_PER_ROW:-5}
+runs=${RUNS:-3}
 mkdir -p "$work"
 target=${CARGO_TARGET_DIR:-$here/target}
 
@@ -47,18 +49,33 @@ serve() { # daemon format -> starts it in the background, sets pid
     echo "daemon $bin did not start" >&2; exit 1
 }
 
-row() { # fmt rw bs qd -> "iops mib_s" for qemu then strata
-    local fmt=$1 rw=$2 bs=$3 qd=$4 out=()
-    for bin in qemu-storage-daemon "$strata"; do
-        serve "$bin" "$fmt"
-        local j
-        j=$("$load" --socket "$work/vub.sock" --rw "$rw" --bs "$bs" --qd "$qd" --seconds "$secs")
-        kill "$pid"; wait "$pid" 2>/dev/null || true
-        # Write back what this run dirtied, so that the next one does not pay for it.
-        sync
-        out+=("$(echo "$j" | sed -n 's/.*"iops":\([0-9.]*\).*"mib_s":\([0-9.]*\).*/\1 \2/p')")
+run_one() { # daemon fmt rw bs qd -> "iops mib_s"
+    local bin=$1 fmt=$2 rw=$3 bs=$4 qd=$5 j
+    serve "$bin" "$fmt"
+    j=$("$load" --socket "$work/vub.sock" --rw "$rw" --bs "$bs" --qd "$qd" --seconds "$secs")
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    # Write back what this run dirtied, so that the next one does not pay for it.
+    sync
+    echo "$j" | sed -n 's/.*"iops":\([0-9.]*\).*"mib_s":\([0-9.]*\).*/\1 \2/p'
+}
+
+# The median of "iops mib_s" lines, by IOPS.
+median() { sort -n | awk '{a[NR]=$0} END {print a[int((NR+1)/2)]}'; }
+
+row() { # fmt rw bs qd -> "iops mib_s" (medians) for qemu then strata
+    # The daemons alternate run by run (and which goes first alternates too), so
+    # that drift in the machine's load hits both alike.
+    local q=() s=() i
+    for i in $(seq "$runs"); do
+        if [ $((i % 2)) -eq 1 ]; then
+            q+=("$(run_one qemu-storage-daemon "$@")")
+            s+=("$(run_one "$strata" "$@")")
+        else
+            s+=("$(run_one "$strata" "$@")")
+            q+=("$(run_one qemu-storage-daemon "$@")")
+        fi
     done
-    echo "${out[0]} ${out[1]}"
+    echo "$(printf '%s\n' "${q[@]}" | median) $(printf '%s\n' "${s[@]}" | median)"
 }
 
 echo "| format | workload | qemu IOPS (MiB/s) | strata IOPS (MiB/s) | strata/qemu |"

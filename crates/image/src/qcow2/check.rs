@@ -84,6 +84,7 @@ impl Qcow2 {
             let walk = self.walk(&mut m, st)?;
             for &i in &walk.bad_l1 {
                 m.l1[i] = 0;
+                m.tables_changed();
                 m.l1_dirty = true;
                 fixed_corruptions += 1;
             }
@@ -488,6 +489,7 @@ impl Qcow2 {
             };
             if want != e {
                 m.l1[i] = want;
+                m.tables_changed();
                 m.l1_dirty = true;
                 fixed += 1;
             }
@@ -576,6 +578,7 @@ impl Qcow2 {
         m.header.refcount_table_offset = start * cs;
         m.header.refcount_table_clusters = tc as u32;
         m.rc_table = table;
+        m.tables_changed();
         m.rc_cache.clear();
         m.free_hint = 1;
         m.end_cluster = m.end_cluster.max(total);

@@ -8,6 +8,7 @@
 //! flushed before dirty L2 tables; L2 tables before an L1 that points at them; and a
 //! cluster's refcount is only dropped after the L2 entry that referenced it is on disk.
 
+use std::cell::OnceCell;
 use std::collections::HashSet;
 
 use crate::storage::Storage;
@@ -116,6 +117,10 @@ pub struct Meta {
     pub inflight: HashSet<u64>,
     /// The image was found corrupt while open; writes are refused.
     pub corrupt: bool,
+    /// Sorted host offsets of the active L2 tables and the refcount blocks, for
+    /// [`Meta::check_data_overlap`]; built on first use, dropped by
+    /// [`Meta::tables_changed`] whenever `l1` or `rc_table` changes.
+    table_index: OnceCell<Vec<(u64, &'static str)>>,
 }
 
 fn be64s(b: &[u8]) -> Vec<u64> {
@@ -163,6 +168,7 @@ impl Meta {
             free_byte_offset: 0,
             snapshots: Vec::new(),
             inflight: HashSet::new(),
+            table_index: OnceCell::new(),
             corrupt: false,
         })
     }
@@ -192,22 +198,45 @@ impl Meta {
 
     /// [`Meta::check_overlap`] for guest data, which must not land on an L2 table or a
     /// refcount block either (a corrupt refcount can hand out their clusters).
+    /// A binary search in the table index: this runs on every in-place write.
     pub fn check_data_overlap(&self, offset: u64, len: u64) -> Result<()> {
         self.check_overlap(offset, len, "guest data")?;
         let cs = self.geo.cs;
-        let tables = self
-            .l1
-            .iter()
-            .map(|e| (e & crate::qcow2::l2::OFFSET_MASK, "active L2 table"))
-            .chain(self.rc_table.iter().map(|&o| (o, "refcount block")));
-        for (start, name) in tables {
-            if start != 0 && offset < start.saturating_add(cs) && start < offset + len {
+        let index = self.table_index.get_or_init(|| self.build_table_index());
+        debug_assert!(
+            *index == self.build_table_index(),
+            "the table index missed a change of l1 or rc_table"
+        );
+        // The first table that ends after `offset`; it overlaps if it starts before
+        // the write ends.
+        let from = offset.saturating_sub(cs - 1);
+        let i = index.partition_point(|&(start, _)| start < from);
+        if let Some(&(start, name)) = index.get(i) {
+            if start < offset.saturating_add(len) {
                 return Err(Error::corrupt(format!(
                     "Preventing invalid write on metadata (overlaps with {name}) while writing guest data"
                 )));
             }
         }
         Ok(())
+    }
+
+    fn build_table_index(&self) -> Vec<(u64, &'static str)> {
+        let mut index: Vec<(u64, &'static str)> = self
+            .l1
+            .iter()
+            .map(|e| (e & crate::qcow2::l2::OFFSET_MASK, "active L2 table"))
+            .chain(self.rc_table.iter().map(|&o| (o, "refcount block")))
+            .filter(|&(start, _)| start != 0)
+            .collect();
+        index.sort_unstable();
+        index
+    }
+
+    /// Must follow every change of `l1` or `rc_table`: drops the table index that
+    /// [`Meta::check_data_overlap`] searches.
+    pub fn tables_changed(&mut self) {
+        self.table_index.take();
     }
 
     /// Fails for a host offset past everything in the image file (and past every
@@ -345,6 +374,7 @@ impl Meta {
         self.make_room_l2(st)?;
         self.l2_cache.insert(new, table, true);
         self.l1[l1i] = new | OFLAG_COPIED;
+        self.tables_changed();
         self.l1_dirty = true;
         if old != 0 {
             self.pending_frees.push(PendingFree {
@@ -485,6 +515,7 @@ impl Meta {
         st.write_at(&block, new_off)?;
         st.flush()?;
         self.rc_table[rbi as usize] = new_off;
+        self.tables_changed();
         st.write_at(
             &new_off.to_be_bytes(),
             self.header.refcount_table_offset + rbi * 8,
@@ -563,6 +594,7 @@ impl Meta {
         self.header.refcount_table_offset = start * cs;
         self.header.refcount_table_clusters = table_clusters as u32;
         self.rc_table = table;
+        self.tables_changed();
         self.end_cluster = area_end;
         for c in 0..old_clusters {
             self.update_refcount(st, old_off / cs + c, -1)?;
@@ -643,6 +675,7 @@ impl Meta {
                 for (j, &b) in needed.iter().enumerate() {
                     let boff = (start + n + j as u64) * cs;
                     self.rc_table[b as usize] = boff;
+                    self.tables_changed();
                     st.write_at(
                         &boff.to_be_bytes(),
                         self.header.refcount_table_offset + b * 8,
@@ -776,6 +809,7 @@ impl Meta {
         self.header.l1_size = new_size as u32;
         self.header.l1_table_offset = new_off;
         self.l1 = l1;
+        self.tables_changed();
         if old_len > 0 {
             self.free_now(
                 st,
