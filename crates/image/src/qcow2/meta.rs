@@ -823,3 +823,62 @@ impl Meta {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::storage::MemStorage;
+    use crate::{create_on, open_on, CreateOptions, Format};
+
+    /// A 4 MiB qcow2 with one L2 table, loaded as metadata.
+    fn meta_of_written_image() -> Meta {
+        let mem = Arc::new(MemStorage::new(Vec::new(), 1 << 30));
+        let opts = CreateOptions {
+            size: Some(4 << 20),
+            ..CreateOptions::default()
+        };
+        create_on(mem.clone(), Format::Qcow2, &opts).unwrap();
+        let img = open_on(mem.clone(), Format::Qcow2, false, None).unwrap();
+        img.write(&[7u8; 4096], 0).unwrap();
+        img.close().unwrap();
+        let size = mem.size().unwrap();
+        let mut hbuf = vec![0u8; 65536];
+        mem.read_at(&mut hbuf, 0).unwrap();
+        let header = Header::parse(&hbuf, size).unwrap();
+        Meta::load(mem.as_ref(), header, 1 << 20, 1 << 20).unwrap()
+    }
+
+    #[test]
+    fn data_overlap_check_finds_tables_at_their_edges_only() {
+        let mut m = meta_of_written_image();
+        let cs = m.geo.cs;
+        let l2 = m.l1[0] & OFFSET_MASK;
+        let rb = m.rc_table[0];
+        assert!(l2 != 0 && rb != 0);
+        for (table, name) in [(l2, "active L2 table"), (rb, "refcount block")] {
+            for (off, len) in [(table, 1), (table + cs - 1, 1), (table, cs)] {
+                let err = m.check_data_overlap(off, len).unwrap_err().to_string();
+                assert!(err.contains(name), "{err}");
+            }
+        }
+        // Move the L2 table past everything else in the file: it is found at its new
+        // place once the index is dropped, at both edges, and no longer at the old one.
+        let moved = 40 * cs;
+        m.check_data_overlap(moved, cs).unwrap();
+        m.l1[0] = moved | OFLAG_COPIED;
+        m.tables_changed();
+        m.check_data_overlap(moved - cs, cs).unwrap();
+        m.check_data_overlap(moved + cs, cs).unwrap();
+        for (off, len) in [
+            (moved - cs, cs + 1),
+            (moved + cs - 1, 1),
+            (moved - cs, 3 * cs),
+        ] {
+            let err = m.check_data_overlap(off, len).unwrap_err().to_string();
+            assert!(err.contains("active L2 table"), "{err}");
+        }
+        m.check_data_overlap(l2, cs).unwrap();
+    }
+}
