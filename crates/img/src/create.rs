@@ -262,7 +262,7 @@ pub fn validate_backing(format: Format, p: &ParsedOpts) -> CliResult<()> {
     Ok(())
 }
 
-/// The "Formatting '<file>', fmt=... " line qemu-img prints before creating.
+/// The `Formatting '<file>', fmt=...` line qemu-img prints before creating.
 pub fn formatting_line(filename: &str, format: Format, p: &ParsedOpts, size: u64) -> String {
     let mut parts: Vec<String> = Vec::new();
     let c = &p.create;

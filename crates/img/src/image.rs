@@ -35,7 +35,7 @@ pub struct OpenArgs<'a> {
     pub backing: BackingChoice,
 }
 
-/// Opens `path`, reporting failures as "Could not open '<path>': <reason>".
+/// Opens `path`, reporting failures as `Could not open '<path>': <reason>`.
 pub fn open(path: &str, args: &OpenArgs<'_>) -> CliResult<Arc<dyn FormatDriver>> {
     let format = match args.format {
         None => None,

@@ -99,7 +99,7 @@ fn run(cli: Cli) -> CliResult<i32> {
 }
 
 /// Turns a command-line parsing error into qemu-img's one-line wording, prefixed with
-/// "strata-img: " (or "strata-img <subcommand>: " for option errors, as getopt does).
+/// `strata-img: ` (or `strata-img <subcommand>: ` for option errors, as getopt does).
 fn clap_error_line(e: &clap::Error) -> String {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
     let sub = std::env::args().nth(1).unwrap_or_default();

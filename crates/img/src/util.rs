@@ -71,7 +71,7 @@ fn suffix_mult(suffix: &str) -> Option<u64> {
 }
 
 /// Parses a size argument the way qemu-img's option parser does, with its error
-/// wording: "Invalid <what> specified: '<value>'." or a range error.
+/// wording: `Invalid <what> specified: '<value>'.` or a range error.
 pub fn cvtnum(what: &str, value: &str, max: u64) -> CliResult<u64> {
     match parse_size(value) {
         Some(v) if v <= max => Ok(v),
