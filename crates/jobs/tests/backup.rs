@@ -277,6 +277,50 @@ fn guest_write_does_not_wait_for_a_rate_limited_job() {
 }
 
 #[test]
+fn guest_write_does_not_wait_for_a_rate_limited_job_after_a_failed_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = Arc::new(BlockGraph::new());
+    let src = node(&g, "src", &image(dir.path(), "src.qcow2"));
+    src.write(&vec![1u8; 4 << 20], 0).unwrap();
+    node(&g, "tqcow", &image(dir.path(), "tgt.qcow2"));
+    // The job's first copy fails; the guest write's own copy then succeeds.
+    let tgt = blkdebug(
+        &g,
+        "tgt",
+        "tqcow",
+        json!({"event": "write_aio", "errno": 5, "once": true}),
+    );
+    let jobs = JobManager::new(Arc::new(Events::default()));
+    let mut p = params(src.clone(), tgt.clone(), SyncMode::Full, 1);
+    p.on_target_error = OnError::Ignore;
+    let job = create_backup(&g, &jobs, p).unwrap();
+    jobs.start(&job, false).unwrap();
+    // The first chunk's copy fails at once; the job then sleeps "for ever".
+    std::thread::sleep(Duration::from_millis(300));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = {
+        let src = src.clone();
+        std::thread::spawn(move || {
+            let r = src.write(&[2u8; 4096], 64 << 10);
+            let _ = tx.send(r.is_ok());
+        })
+    };
+    let done = rx.recv_timeout(Duration::from_secs(5));
+    job.cancel().unwrap();
+    job.wait_concluded();
+    writer.join().unwrap();
+    assert_eq!(
+        done,
+        Ok(true),
+        "a guest write to a cluster whose copy failed waited for the rate-limited job"
+    );
+    let mut b = vec![0u8; 4096];
+    tgt.read(&mut b, 64 << 10).unwrap();
+    assert_eq!(b, vec![1u8; 4096], "the old data reached the target first");
+    assert!(g.close_all().is_empty());
+}
+
+#[test]
 fn sync_none_fleecing_and_cancel() {
     let dir = tempfile::tempdir().unwrap();
     let g = Arc::new(BlockGraph::new());

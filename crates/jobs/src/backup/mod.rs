@@ -414,30 +414,22 @@ impl BackupJob {
         r: Result<(), CopyError>,
         failed: bool,
     ) -> Option<String> {
+        // The worker has ended the task's claim already, copied or not.
         match r {
-            Err(_) if failed => {
-                self.bcs.release(first, n, false);
-                None
-            }
+            Err(_) if failed => None,
             Ok(()) => {
-                // The worker released the claim already.
                 let c = self.bcs.cluster();
                 let size = self.bcs.source().size();
                 ctx.add_done(((first + n) * c).min(size) - first * c);
                 None
             }
-            Err(_) if epoch < ctx.resumes() => {
-                // Started before the job was stopped and resumed: just retry it.
-                self.bcs.release(first, n, false);
-                None
-            }
-            Err(e) => {
-                self.bcs.release(first, n, false);
-                match ctx.error_action(self.policy(e.is_read), e.is_read, e.enospc) {
-                    ErrorAction::Report => Some(e.msg),
-                    ErrorAction::Ignore | ErrorAction::Stop => None,
-                }
-            }
+            // Started before the job was stopped and resumed: the clusters are dirty
+            // again and will be retried.
+            Err(_) if epoch < ctx.resumes() => None,
+            Err(e) => match ctx.error_action(self.policy(e.is_read), e.is_read, e.enospc) {
+                ErrorAction::Report => Some(e.msg),
+                ErrorAction::Ignore | ErrorAction::Stop => None,
+            },
         }
     }
 
@@ -459,12 +451,11 @@ impl BackupJob {
                         let t = task_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                         let Ok((f, n, epoch)) = t else { break };
                         let r = bcs.copy_clusters_with(f, n, &mut scratch);
-                        if r.is_ok() {
-                            // At once, not when the job loop next looks: it may be
-                            // asleep in the rate limiter, and guest writes to these
-                            // clusters wait for the claim to end.
-                            bcs.release(f, n, true);
-                        }
+                        // End the claim at once (a failed copy leaves the clusters
+                        // dirty), not when the job loop next looks: it may be asleep
+                        // in the rate limiter, and guest writes to these clusters
+                        // wait for the claim to end.
+                        bcs.release(f, n, r.is_ok());
                         if res_tx.send(((f, n, epoch), r)).is_err() {
                             break;
                         }
@@ -527,15 +518,10 @@ impl BackupJob {
             drop(task_tx);
             while inflight > 0 {
                 match res_rx.recv() {
-                    Ok(((f, n, _), r)) => {
+                    Ok((range, r)) => {
                         inflight -= 1;
-                        if r.is_err() {
-                            self.bcs.release(f, n, false);
-                        }
-                        if r.is_ok() {
-                            let c = self.bcs.cluster();
-                            ctx.add_done(((f + n) * c).min(self.bcs.source().size()) - f * c);
-                        }
+                        // Errors are not reported any more: the job is ending.
+                        let _ = self.finish_task(ctx, range, r, true);
                     }
                     Err(_) => break,
                 }
