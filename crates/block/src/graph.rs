@@ -240,18 +240,23 @@ impl BlockGraph {
                     },
                 )
             }
-            DriverOptions::Null { size } => BlockNode::new(
+            DriverOptions::Null { size, latency_ns } => BlockNode::new(
                 name,
                 implicit,
                 "null-co",
-                Arc::new(NullDisk::new(*size)),
+                Arc::new(NullDisk::with_latency(
+                    *size,
+                    std::time::Duration::from_nanos(*latency_ns),
+                )),
                 None,
                 None,
                 // QEMU names it by its options when they differ from the defaults.
-                if *size == 1 << 30 {
-                    "null-co://".into()
-                } else {
-                    format!("json:{{\"driver\": \"null-co\", \"size\": {size}}}")
+                match (*size == 1 << 30, *latency_ns) {
+                    (true, 0) => "null-co://".into(),
+                    (_, 0) => format!("json:{{\"driver\": \"null-co\", \"size\": {size}}}"),
+                    _ => format!(
+                        "json:{{\"driver\": \"null-co\", \"size\": {size}, \"latency-ns\": {latency_ns}}}"
+                    ),
                 },
                 settings,
             ),

@@ -2,6 +2,7 @@
 //! (for tests and benchmarks, as in QEMU).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use strata_image::{
     BlockIo, BlockStatus, FormatDriver, ImageInfo, MemStorage, Preallocation, Result, Storage,
@@ -11,14 +12,29 @@ use strata_image::{
 pub struct NullDisk {
     size: std::sync::atomic::AtomicU64,
     storage: Arc<dyn Storage>,
+    /// How long each read, write and flush takes (`latency-ns`).
+    latency: Duration,
 }
 
 impl NullDisk {
     /// A null disk of `size` bytes.
     pub fn new(size: u64) -> Self {
+        NullDisk::with_latency(size, Duration::ZERO)
+    }
+
+    /// A null disk of `size` bytes whose reads, writes and flushes each take
+    /// `latency`, as QEMU's `latency-ns`.
+    pub fn with_latency(size: u64, latency: Duration) -> Self {
         NullDisk {
             size: size.into(),
             storage: Arc::new(MemStorage::read_only(Vec::new())),
+            latency,
+        }
+    }
+
+    fn delay(&self) {
+        if !self.latency.is_zero() {
+            std::thread::sleep(self.latency);
         }
     }
 }
@@ -28,10 +44,12 @@ impl BlockIo for NullDisk {
         self.size.load(std::sync::atomic::Ordering::Acquire)
     }
     fn read(&self, buf: &mut [u8], _offset: u64) -> Result<()> {
+        self.delay();
         buf.fill(0);
         Ok(())
     }
     fn write(&self, _buf: &[u8], _offset: u64) -> Result<()> {
+        self.delay();
         Ok(())
     }
     fn write_zeroes(&self, _offset: u64, _len: u64, _may_unmap: bool) -> Result<()> {
@@ -41,6 +59,7 @@ impl BlockIo for NullDisk {
         Ok(())
     }
     fn flush(&self) -> Result<()> {
+        self.delay();
         Ok(())
     }
 }

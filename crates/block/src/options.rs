@@ -89,6 +89,8 @@ pub enum DriverOptions {
     Null {
         /// Virtual size.
         size: u64,
+        /// `latency-ns`: how long each request takes.
+        latency_ns: u64,
     },
 }
 
@@ -372,6 +374,7 @@ fn parse_inner(v: &Value, keyval: bool, prefix: &str) -> BlockResult<BlockdevOpt
             let _read_zeroes = m.bool("read-zeroes")?;
             DriverOptions::Null {
                 size: m.size("size")?.unwrap_or(1 << 30),
+                latency_ns: m.size("latency-ns")?.unwrap_or(0),
             }
         }
         _ => {

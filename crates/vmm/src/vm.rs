@@ -461,9 +461,21 @@ impl VmCore {
                 tracing::warn!(disk = %d.config.id, error = %e.desc, "flush at reset failed");
             }
         }
-        let rsdp =
-            setup_acpi(&self.mem, self.num_vcpus, self.disks.len()).map_err(|e| e.to_string())?;
-        let entry = boot::load(&self.mem, &self.boot, rsdp).map_err(|e| e.to_string())?;
+        let loaded = setup_acpi(&self.mem, self.num_vcpus, self.disks.len())
+            .map_err(|e| e.to_string())
+            .and_then(|rsdp| boot::load(&self.mem, &self.boot, rsdp).map_err(|e| e.to_string()));
+        let entry = match loaded {
+            Ok(entry) => entry,
+            Err(e) => {
+                // The vCPUs stay parked: say so rather than report a running VM.
+                tracing::error!(error = %e, "reloading the machine at reset failed");
+                if before == RunState::Running {
+                    self.emit("STOP", None);
+                }
+                self.set_status(RunState::InternalError);
+                return Err(e);
+            }
+        };
         {
             let mut s = self.ctl.lock();
             s.reset_epoch += 1;
@@ -472,6 +484,10 @@ impl VmCore {
                 s.want = Want::Run;
             }
             self.ctl.cv.notify_all();
+        }
+        if before == RunState::InternalError {
+            // As QEMU: a reset clears the error, and the machine waits for `cont`.
+            self.set_status(RunState::Prelaunch);
         }
         let reason = if guest {
             "guest-reset"

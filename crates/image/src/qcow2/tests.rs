@@ -403,3 +403,28 @@ fn v2_refuses_bitmaps() {
         .store_bitmaps(&[b])
         .is_err());
 }
+
+#[test]
+fn vectored_read_of_a_cluster_larger_than_the_bounce_chunk() {
+    // 2 MiB clusters: cluster 0 unallocated (reads through a bounce buffer in 1 MiB
+    // rounds), cluster 1 data in place. The second round of cluster 0 must not be
+    // read through cluster 1's entry.
+    let opts = CreateOptions {
+        cluster_size: Some(2 << 20),
+        ..CreateOptions::default()
+    };
+    let (_mem, img) = new_image(8 << 20, &opts);
+    img.write(&vec![0xa5u8; 2 << 20], 2 << 20).unwrap();
+    let mut out = vec![0x11u8; 4 << 20];
+    let (a, b) = out.split_at_mut(3 << 19);
+    img.read_vectored(&[IoBufMut::from_slice(a), IoBufMut::from_slice(b)], 0)
+        .unwrap();
+    assert!(
+        out[..2 << 20].iter().all(|&x| x == 0),
+        "cluster 0 reads as zeroes"
+    );
+    assert!(
+        out[2 << 20..].iter().all(|&x| x == 0xa5),
+        "cluster 1 reads its data"
+    );
+}

@@ -45,7 +45,10 @@ impl Qcow2 {
                     self.read_impl(&mut tmp, pos)?;
                     iobuf::scatter(bufs, done, &tmp);
                     done += n;
-                    i += 1;
+                    // A cluster larger than the bounce chunk takes several rounds.
+                    if in_off + n as u64 == cs {
+                        i += 1;
+                    }
                     continue;
                 };
                 let mut j = i + 1;

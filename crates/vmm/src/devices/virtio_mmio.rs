@@ -501,15 +501,16 @@ impl<B: BlockBackend> MmioTransport<B> {
         if added & status::FEATURES_OK != 0 {
             let f = self.driver_features;
             if f & !self.offered() != 0 || f & F_VERSION_1 == 0 {
-                // Refused: the driver reads FEATURES_OK back as clear.
+                // Refused: the driver reads FEATURES_OK back as clear, and a
+                // DRIVER_OK set in the same write cannot stand without it.
                 tracing::debug!(features = f, "driver features refused");
-                new &= !status::FEATURES_OK;
+                new &= !(status::FEATURES_OK | status::DRIVER_OK);
             } else {
                 self.dev.ack_features(f);
             }
         }
         self.status = new;
-        if added & status::DRIVER_OK != 0 {
+        if new & added & status::DRIVER_OK != 0 {
             tracing::debug!(features = self.driver_features, "virtio-blk driver ready");
             for q in 0..self.queues.len() {
                 self.kick(q);

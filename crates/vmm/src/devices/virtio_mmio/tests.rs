@@ -186,6 +186,13 @@ fn status_machine_refuses_out_of_order_and_cleared_bits() {
         status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
     );
     assert_eq!(t.status() & status::FEATURES_OK, 0);
+    // DRIVER_OK in the same write as refused features does not stick either.
+    w32(
+        &mut t,
+        reg::STATUS,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+    );
+    assert_eq!(t.status() & (status::FEATURES_OK | status::DRIVER_OK), 0);
     // A feature word beyond the second is refused unless zero.
     w32(&mut t, reg::DRIVER_FEATURES_SEL, 7);
     let before = t.rejected();
@@ -323,14 +330,25 @@ fn a_write_request_reaches_the_disk_and_raises_the_interrupt() {
     );
     w32(&mut t, reg::INTERRUPT_ACK, INT_USED_RING);
     assert_eq!(r32(&mut t, reg::INTERRUPT_STATUS), 0);
-    // An available index far ahead of the ring: no hang, no panic.
-    mem.write_obj(0x8000u16, GuestAddress(AVAIL + 2)).unwrap();
-    w32(&mut t, reg::QUEUE_NOTIFY, 0);
-    // While paused nothing is processed; resume processes.
+    // While paused nothing is processed; resume processes what was kicked meanwhile.
+    disk.0.lock().unwrap()[1024..1536].fill(0);
+    mem.write_obj(0u16, GuestAddress(AVAIL + 8)).unwrap();
     mem.write_obj(3u16, GuestAddress(AVAIL + 2)).unwrap();
     t.pause();
     w32(&mut t, reg::QUEUE_NOTIFY, 0);
+    let used_idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+    assert_eq!(used_idx, 2, "a request ran while paused");
+    assert_eq!(&disk.0.lock().unwrap()[1024..1536], &[0u8; 512][..]);
     t.resume();
+    let used_idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+    assert_eq!(
+        used_idx, 3,
+        "the request kicked while paused did not run on resume"
+    );
+    assert_eq!(&disk.0.lock().unwrap()[1024..1536], &[0x5a; 512][..]);
+    // An available index far ahead of the ring: no hang, no panic.
+    mem.write_obj(0x8000u16, GuestAddress(AVAIL + 2)).unwrap();
+    w32(&mut t, reg::QUEUE_NOTIFY, 0);
 }
 
 #[test]
