@@ -327,3 +327,27 @@ pub fn crash_record(seq: u64, offset: u64) -> Vec<u8> {
     r.extend_from_slice(&pattern(seq, offset + 24, RECORD as usize - 24));
     r
 }
+
+/// Runs a build script of the test suite (`sh SCRIPT ARGS...`) and returns its
+/// standard output. The scripts exit 2, with the reason on standard error, when the
+/// machine lacks something they need: that is `Err(reason)`, for the caller to print
+/// as a skip. Any other failure is a broken build and panics, so that it fails the
+/// test instead of skipping it.
+pub fn run_build_script(script: &Path, args: &[&Path]) -> Result<String, String> {
+    let out = std::process::Command::new("sh")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match out.status.code() {
+        Some(0) => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+        Some(2) => Err(stderr.trim().to_string()),
+        _ => panic!(
+            "{} failed ({}): {}",
+            script.display(),
+            out.status,
+            stderr.trim()
+        ),
+    }
+}

@@ -42,24 +42,14 @@ fn guest() -> Result<(PathBuf, PathBuf), String> {
                 return Err(format!("qemu-system-x86_64 10.x needed, found: {text}"));
             }
             let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
-            let out = Command::new("sh")
-                .arg(&script)
-                .output()
-                .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "guest build failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
-            let text = String::from_utf8_lossy(&out.stdout);
+            let text = strata_tests::run_build_script(&script, &[])?;
             let get = |k: &str| {
                 text.lines()
                     .find_map(|l| l.strip_prefix(k))
                     .map(PathBuf::from)
-                    .ok_or_else(|| format!("guest build printed no {k}"))
+                    .unwrap_or_else(|| panic!("guest build printed no {k}"))
             };
-            Ok((get("KERNEL=")?, get("INITRD=")?))
+            Ok((get("KERNEL="), get("INITRD=")))
         })
         .clone()
 }

@@ -40,7 +40,29 @@ bdeb=$(fetch busybox-static)
 key=$( (basename "$kdeb"; basename "$bdeb"; cat "$here/init.sh" "$0";
     ls -l /usr/sbin/blkdiscard 2>/dev/null || true) | sha256sum | cut -c1-16)
 out="$cache/$key"
+# The ELF vmlinux inside the bzImage of DIR/vmlinuz, as DIR/vmlinux (it carries the PVH
+# entry note, for VMMs that boot by PVH): the payload is LZ4 (legacy frame, magic
+# 02 21 4c 18); like the kernel's scripts/extract-vmlinux, try each place the magic
+# occurs and keep the first that decompresses to an ELF file. Needs lz4; without it
+# there is no VMLINUX line. With lz4 and no ELF found, the build fails.
+extract_vmlinux() {
+    [ -f "$1/vmlinux" ] && return 0
+    if ! command -v lz4 >/dev/null; then
+        echo "guest build: lz4 not found, no vmlinux extracted" >&2
+        return 0
+    fi
+    for off in $(LC_ALL=C grep -obUaP '\x02\x21\x4c\x18' "$1/vmlinuz" | cut -d: -f1); do
+        tail -c +$((off + 1)) "$1/vmlinuz" | lz4 -dc > "$1/vmlinux" 2>/dev/null || true
+        [ "$(head -c 4 "$1/vmlinux" | od -An -c | tr -d ' ')" = '177ELF' ] && return 0
+        rm -f "$1/vmlinux"
+    done
+    echo "guest build: no LZ4-compressed ELF found in $1/vmlinuz" >&2
+    exit 1
+}
+
 if [ -f "$out/initramfs.cpio.gz" ] && [ -f "$out/vmlinuz" ]; then
+    # A cache made before lz4 was installed gets its vmlinux now.
+    extract_vmlinux "$out"
     echo "KERNEL=$out/vmlinuz"
     echo "INITRD=$out/initramfs.cpio.gz"
     [ -f "$out/vmlinux" ] && echo "VMLINUX=$out/vmlinux"
@@ -81,19 +103,7 @@ cp "$here/init.sh" "$root/init"
 chmod 755 "$root/init"
 mkdir -p "$work/out"
 cp "$work/k/boot/vmlinuz-$kver" "$work/out/vmlinuz"
-# The ELF vmlinux inside the bzImage (it carries the PVH entry note, for VMMs that boot
-# by PVH): the payload is LZ4 (legacy frame, magic 02 21 4c 18); like the kernel's
-# scripts/extract-vmlinux, try each place the magic occurs and keep the first that
-# decompresses to an ELF file. Needs lz4; without it there is no VMLINUX line.
-if command -v lz4 >/dev/null; then
-    for off in $(LC_ALL=C grep -obUaP '\x02\x21\x4c\x18' "$work/out/vmlinuz" | cut -d: -f1); do
-        tail -c +$((off + 1)) "$work/out/vmlinuz" | lz4 -dc > "$work/out/vmlinux" 2>/dev/null || true
-        [ "$(head -c 4 "$work/out/vmlinux" | od -An -c | tr -d ' ')" = '177ELF' ] && break
-        rm -f "$work/out/vmlinux"
-    done
-else
-    echo "guest build: lz4 not found, no vmlinux extracted" >&2
-fi
+extract_vmlinux "$work/out"
 (cd "$root" && find . | "$root/bin/busybox" cpio -o -H newc 2>/dev/null) |
     gzip -9 > "$work/out/initramfs.cpio.gz"
 rm -rf "$out"

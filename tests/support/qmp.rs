@@ -31,14 +31,29 @@ impl Qmp {
         q
     }
 
-    /// The next message, or `None` at end of stream.
+    /// The next message, or `None` at end of stream. A read error, the read timeout
+    /// included, panics: it is not an end of stream.
     pub fn try_line(&mut self) -> Option<serde_json::Value> {
         let mut l = String::new();
         match self.r.read_line(&mut l) {
-            Ok(0) | Err(_) => None,
+            Ok(0) => None,
             Ok(_) => {
                 Some(serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad QMP line {l:?}: {e}")))
             }
+            Err(e) => panic!("QMP read failed (no message and no end of stream): {e}"),
+        }
+    }
+
+    /// Requires the monitor to close the connection within `timeout`; events that
+    /// arrive before that are kept, anything else panics.
+    pub fn expect_eof(&mut self, timeout: Duration) {
+        self.w.set_read_timeout(Some(timeout)).expect("timeout");
+        while let Some(v) = self.try_line() {
+            assert!(
+                v.get("event").is_some(),
+                "monitor answered after the end: {v}"
+            );
+            self.events.push(v);
         }
     }
 

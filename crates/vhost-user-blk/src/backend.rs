@@ -143,6 +143,11 @@ impl<B: BlockBackend + 'static> VhostUserBackend for BlkBackend<B> {
         Ok(())
     }
 
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        self.engine.stop_queue(queue_index as usize);
+        Ok(())
+    }
+
     fn queues_per_thread(&self) -> Vec<u64> {
         (0..self.num_queues()).map(|q| 1u64 << q).collect()
     }

@@ -44,6 +44,8 @@ struct Jobs {
     queue: VecDeque<Job>,
     /// Jobs taken by a worker and not finished yet.
     running: usize,
+    /// Jobs queued or running, per virtqueue.
+    per_queue: Vec<usize>,
     closing: bool,
 }
 
@@ -74,7 +76,10 @@ impl<B: BlockBackend + 'static> Engine<B> {
             mem: RwLock::new(None),
             vrings: Mutex::new(vec![None; n]),
             stop: Mutex::new(Stop::default()),
-            jobs: Mutex::new(Jobs::default()),
+            jobs: Mutex::new(Jobs {
+                per_queue: vec![0; n],
+                ..Jobs::default()
+            }),
             work: Condvar::new(),
             idle: Condvar::new(),
         })
@@ -150,17 +155,31 @@ impl<B: BlockBackend + 'static> Engine<B> {
                 }
                 continue;
             };
-            if let Some((q, v)) = owed.take() {
-                if q != job.queue {
+            // A notification owed to this job's queue is carried by this job's
+            // completion; to another queue it is paid now.
+            let carried = match owed.take() {
+                Some((q, v)) if q == job.queue => Some(v),
+                Some((_, v)) => {
                     notify(&v);
+                    None
                 }
-            }
-            if self.run(job.queue, &job.vring, &job.req, !more) && more {
+                None => None,
+            };
+            let put = self.run(job.queue, &job.vring, &job.req, !more);
+            if put && more {
                 owed = Some((job.queue, job.vring));
+            } else if let (false, Some(v)) = (put, carried) {
+                // Nothing went on the ring (a policy stop): pay the debt now.
+                notify(&v);
             }
             let mut j = lock(&self.jobs);
+            let mut queue_idle = false;
+            if let Some(n) = j.per_queue.get_mut(job.queue) {
+                *n = n.saturating_sub(1);
+                queue_idle = *n == 0;
+            }
             j.running -= 1;
-            if j.running == 0 && j.queue.is_empty() {
+            if queue_idle || (j.running == 0 && j.queue.is_empty()) {
                 self.idle.notify_all();
             }
         }
@@ -170,6 +189,9 @@ impl<B: BlockBackend + 'static> Engine<B> {
         let mut j = lock(&self.jobs);
         let mut n = 0;
         for req in reqs {
+            if let Some(c) = j.per_queue.get_mut(queue) {
+                *c += 1;
+            }
             j.queue.push_back(Job {
                 req,
                 vring: vring.clone(),
@@ -232,11 +254,28 @@ impl<B: BlockBackend + 'static> Engine<B> {
                 // (through indirect tables) when the queue is smaller than that.
                 let size = q.size().max(self.dev.options().queue_size);
                 let mut notify = false;
+                // A driver cannot have more requests in flight than the queue has
+                // entries (each holds a head until it is used); one that keeps the
+                // available index moving regardless is not let grow the job queue
+                // without bound. Twice the size leaves room for completions whose
+                // count has not dropped yet.
+                let limit = 2 * usize::from(q.size());
+                let busy = self.queued(queue);
                 let r = (|| -> Result<bool, virtio_queue::Error> {
                     q.disable_notification(mem)?;
                     let mut popped = 0usize;
                     let mut answered = 0usize;
                     while let Some(chain) = q.pop_descriptor_chain(mem) {
+                        if busy + reqs.len() >= limit {
+                            // Put it back; the ring waits for the next kick.
+                            q.set_next_avail(q.next_avail().wrapping_sub(1));
+                            q.enable_notification(mem)?;
+                            tracing::warn!(
+                                queue,
+                                "more requests in flight than the virtqueue holds; not taking more"
+                            );
+                            return Ok(false);
+                        }
                         popped += 1;
                         match self.dev.parse_chain(chain, size) {
                             Ok(req) => reqs.push(req),
@@ -344,6 +383,11 @@ impl<B: BlockBackend + 'static> Engine<B> {
         n
     }
 
+    /// Requests of `queue` queued or running in the pool.
+    fn queued(&self, queue: usize) -> usize {
+        lock(&self.jobs).per_queue.get(queue).copied().unwrap_or(0)
+    }
+
     fn pool_idle(&self) -> bool {
         let j = lock(&self.jobs);
         j.running == 0 && j.queue.is_empty()
@@ -354,6 +398,20 @@ impl<B: BlockBackend + 'static> Engine<B> {
         let mut j = lock(&self.jobs);
         while j.running > 0 || !j.queue.is_empty() {
             j = self.idle.wait(j).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Stops serving `queue` (vhost-user `GET_VRING_BASE`): waits until every request
+    /// taken from it has been answered, so that the ring base the frontend gets back
+    /// has nothing in flight behind it, and forgets the vring until the next kick.
+    pub(crate) fn stop_queue(&self, queue: usize) {
+        let mut j = lock(&self.jobs);
+        while j.per_queue.get(queue).is_some_and(|&n| n > 0) {
+            j = self.idle.wait(j).unwrap_or_else(|e| e.into_inner());
+        }
+        drop(j);
+        if let Some(slot) = lock(&self.vrings).get_mut(queue) {
+            *slot = None;
         }
     }
 
