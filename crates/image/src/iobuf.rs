@@ -37,7 +37,13 @@ unsafe impl Sync for IoBuf<'_> {}
 
 impl<'a> IoBufMut<'a> {
     /// A buffer over a Rust slice.
-    pub fn from_slice(s: &'a mut [u8]) -> Self {
+    ///
+    /// # Safety
+    /// The buffer is `Copy` and `Sync`, as buffers over guest memory must be, so it
+    /// does not stop two copies from writing the slice at once: the caller must not
+    /// write through copies of it (or of its `sub` buffers) from two threads
+    /// concurrently.
+    pub unsafe fn from_slice(s: &'a mut [u8]) -> Self {
         IoBufMut {
             ptr: s.as_mut_ptr(),
             len: s.len(),
@@ -265,11 +271,17 @@ pub fn bounce_write<E>(
 mod tests {
     use super::*;
 
+    /// A buffer over a test's slice, used from one thread.
+    fn mbuf(s: &mut [u8]) -> IoBufMut<'_> {
+        // SAFETY: each test uses its buffers from a single thread.
+        unsafe { IoBufMut::from_slice(s) }
+    }
+
     #[test]
     fn slicing_scatter_and_gather() {
         let mut a = [0u8; 3];
         let mut b = [0u8; 5];
-        let bufs = [IoBufMut::from_slice(&mut a), IoBufMut::from_slice(&mut b)];
+        let bufs = [mbuf(&mut a), mbuf(&mut b)];
         assert_eq!(total_len_mut(&bufs), 8);
         let s = slice_mut(&bufs, 2, 4);
         assert_eq!(s.iter().map(|b| b.len()).collect::<Vec<_>>(), vec![1, 3]);
@@ -290,7 +302,7 @@ mod tests {
         assert_eq!(seen, vec![(0, vec![0, 1, 2, 3, 4, 5, 6, 0])]);
         let mut big = vec![0u8; BOUNCE_CHUNK + 10];
         let mut calls = Vec::new();
-        bounce_read::<()>(&[IoBufMut::from_slice(&mut big)], |c, pos| {
+        bounce_read::<()>(&[mbuf(&mut big)], |c, pos| {
             c.fill(7);
             calls.push((pos, c.len()));
             Ok(())

@@ -76,7 +76,8 @@ fn block_setup(args: &Args, state: &BlockState) -> Result<Vec<DiskConfig>, Strin
             .ok_or_else(|| format!("Drive '{}' not found", d.node))?;
         disks.push(DiskConfig {
             id: d.id,
-            read_only: d.read_only || node.read_only(),
+            // The device turns read-only by itself on a read-only node.
+            read_only: d.read_only,
             node,
             num_queues: d.num_queues,
             queue_size: d.queue_size,

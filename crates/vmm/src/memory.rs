@@ -3,9 +3,7 @@
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{
-    Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionCollection,
-};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::layout::{ACPI_END, ACPI_START, HIMEM_START, LOW_RAM_END, MMIO_GAP_END, MMIO_GAP_START};
 
@@ -127,10 +125,6 @@ pub fn low_ram_end<M: GuestMemoryBackend>(mem: &M) -> u64 {
         .max()
         .unwrap_or(0)
 }
-
-// Keep the generic collection type nameable for callers that want it.
-#[allow(dead_code)]
-type _Collection = GuestRegionCollection<vm_memory::GuestRegionMmap<()>>;
 
 #[cfg(test)]
 mod tests {

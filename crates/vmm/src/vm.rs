@@ -354,11 +354,9 @@ impl VmCore {
         let vcpus = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
         let n = vcpus.len();
         let mut s = self.ctl.lock();
+        // Exit is final: a later pause request does not undo it.
         if s.want != Want::Exit {
             s.want = want;
-        }
-        if want == Want::Exit {
-            s.want = Want::Exit;
         }
         self.ctl.cv.notify_all();
         while s.want == Want::Pause && s.parked < n {

@@ -10,6 +10,12 @@ use crate::iobuf::{IoBuf, IoBufMut};
 use crate::storage::{MemStorage, Storage};
 use crate::{create_on, open_on, CreateOptions, Format};
 
+/// A buffer over a test's slice, used from one thread.
+fn mbuf(s: &mut [u8]) -> IoBufMut<'_> {
+    // SAFETY: each test uses its buffers from a single thread.
+    unsafe { IoBufMut::from_slice(s) }
+}
+
 fn new_image(size: u64, opts: &CreateOptions) -> (Arc<MemStorage>, Arc<dyn FormatDriver>) {
     let mem = Arc::new(MemStorage::new(Vec::new(), 1 << 30));
     let o = CreateOptions {
@@ -81,11 +87,8 @@ fn run_model(seed: u64, opts: CreateOptions) {
             let off = rng.gen_range(0..size - len as u64) as usize;
             let cut = rng.gen_range(0..=len);
             let (mut a, mut b) = (vec![0xeeu8; cut], vec![0xeeu8; len - cut]);
-            img.read_vectored(
-                &[IoBufMut::from_slice(&mut a), IoBufMut::from_slice(&mut b)],
-                off as u64,
-            )
-            .unwrap();
+            img.read_vectored(&[mbuf(&mut a), mbuf(&mut b)], off as u64)
+                .unwrap();
             a.extend_from_slice(&b);
             assert!(
                 a == model[off..off + len],
@@ -173,8 +176,7 @@ fn compressed_round_trip() {
         img.read(&mut got, 65536).unwrap();
         assert_eq!(got, data);
         let mut v = vec![0u8; 65536];
-        img.read_vectored(&[IoBufMut::from_slice(&mut v)], 65536)
-            .unwrap();
+        img.read_vectored(&[mbuf(&mut v)], 65536).unwrap();
         assert_eq!(v, data);
         assert!(img.block_status(65536, 65536).unwrap().compressed);
         // Overwrite part of a compressed cluster: copy-on-write decompresses it.
@@ -221,8 +223,7 @@ fn backing_reads_and_cow() {
     img.write_vectored(&[IoBuf::from_slice(&[2u8; 7])], 3 * 65536 + 100)
         .unwrap();
     let mut v = vec![0u8; 2 * 65536];
-    img.read_vectored(&[IoBufMut::from_slice(&mut v)], 3 * 65536)
-        .unwrap();
+    img.read_vectored(&[mbuf(&mut v)], 3 * 65536).unwrap();
     assert_eq!(&v[..100], &[0x5a; 100]);
     assert_eq!(&v[100..107], &[2; 7]);
     assert!(v[107..].iter().all(|&b| b == 0x5a));
@@ -417,8 +418,7 @@ fn vectored_read_of_a_cluster_larger_than_the_bounce_chunk() {
     img.write(&vec![0xa5u8; 2 << 20], 2 << 20).unwrap();
     let mut out = vec![0x11u8; 4 << 20];
     let (a, b) = out.split_at_mut(3 << 19);
-    img.read_vectored(&[IoBufMut::from_slice(a), IoBufMut::from_slice(b)], 0)
-        .unwrap();
+    img.read_vectored(&[mbuf(a), mbuf(b)], 0).unwrap();
     assert!(
         out[..2 << 20].iter().all(|&x| x == 0),
         "cluster 0 reads as zeroes"

@@ -112,6 +112,20 @@ fn load_image(mem: &GuestMemory, spec: &BootSpec) -> Result<Loaded, BootError> {
                 loader::elf::PvhBootCapability::PvhEntryPresent(a) => Kind::Pvh(a.raw_value()),
                 _ => Kind::Elf64(r.kernel_load.raw_value()),
             };
+            if let Kind::Elf64(entry) = kind {
+                // Entered in long mode through the boot page tables, which map the
+                // first GiB only: beyond, the first instruction would triple-fault,
+                // reset, reload the same image and fault again.
+                if entry >= regs::IDENTITY_MAPPED {
+                    return Err(BootError::NotAKernel {
+                        path,
+                        elf: format!(
+                            "its 64-bit entry {entry:#x} lies beyond the identity-mapped first GiB"
+                        ),
+                        bz: "not tried".into(),
+                    });
+                }
+            }
             return Ok(Loaded {
                 kind,
                 kernel_end: r.kernel_end,
@@ -123,6 +137,18 @@ fn load_image(mem: &GuestMemory, spec: &BootSpec) -> Result<Loaded, BootError> {
     match BzImage::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))) {
         Ok(r) => {
             let hdr = r.setup_header.unwrap_or_default();
+            // The 64-bit entry at +0x200 exists from boot protocol 2.12 on, when the
+            // header's XLF_KERNEL_64 says so.
+            let (version, xloadflags) = (hdr.version, hdr.xloadflags);
+            if version < 0x20c || xloadflags & 1 == 0 {
+                return Err(BootError::NotAKernel {
+                    path,
+                    elf: elf_err.to_string(),
+                    bz: format!(
+                        "no 64-bit entry (boot protocol {version:#x}, xloadflags {xloadflags:#x})"
+                    ),
+                });
+            }
             Ok(Loaded {
                 kind: Kind::BzImage(r.kernel_load.raw_value() + 0x200, hdr),
                 kernel_end: r.kernel_end,
@@ -272,6 +298,49 @@ mod tests {
         assert!(matches!(e, BootError::NotAKernel { .. }), "{e}");
         let e = load(&mem, &spec(dir.path().join("nope")), None).unwrap_err();
         assert!(matches!(e, BootError::File { .. }), "{e}");
+    }
+
+    /// A minimal ELF64 x86-64 executable: one loadable segment of `len` bytes at
+    /// 1 MiB, entry point `entry`, no PVH note.
+    fn elf64(entry: u64, len: u64) -> Vec<u8> {
+        let mut e = vec![0u8; 64 + 56];
+        e[..4].copy_from_slice(b"\x7fELF");
+        e[4] = 2; // 64-bit
+        e[5] = 1; // little endian
+        e[6] = 1; // version
+        e[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        e[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+        e[20..24].copy_from_slice(&1u32.to_le_bytes());
+        e[24..32].copy_from_slice(&entry.to_le_bytes());
+        e[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        e[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+        e[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        e[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        let ph = &mut e[64..];
+        ph[..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        ph[8..16].copy_from_slice(&120u64.to_le_bytes()); // p_offset
+        ph[16..24].copy_from_slice(&HIMEM_START.to_le_bytes()); // p_vaddr
+        ph[24..32].copy_from_slice(&HIMEM_START.to_le_bytes()); // p_paddr
+        ph[32..40].copy_from_slice(&len.to_le_bytes()); // p_filesz
+        ph[40..48].copy_from_slice(&len.to_le_bytes()); // p_memsz
+        e.extend(std::iter::repeat_n(0x90u8, len as usize));
+        e
+    }
+
+    #[test]
+    fn an_elf_entry_beyond_the_mapped_first_gib_is_refused() {
+        let mem = memory::create(16 << 20).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k");
+        std::fs::write(&p, elf64(HIMEM_START, 4096)).unwrap();
+        load(&mem, &spec(p.clone()), None).expect("an entry inside the first GiB boots");
+        std::fs::write(&p, elf64(2 << 30, 4096)).unwrap();
+        let e = load(&mem, &spec(p), None).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("beyond the identity-mapped first GiB"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub const PML4_ADDR: u64 = 0x9000;
 pub const PDPTE_ADDR: u64 = 0xa000;
 /// The 64-bit entry's page directory (512 x 2 MiB = the first GiB).
 pub const PDE_ADDR: u64 = 0xb000;
+/// How much of guest memory the boot page tables identity-map.
+pub const IDENTITY_MAPPED: u64 = 1 << 30;
 /// Initial stack pointer of the 64-bit entry.
 pub const BOOT_STACK: u64 = 0x8ff0;
 

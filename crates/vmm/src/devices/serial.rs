@@ -70,11 +70,9 @@ impl SerialDevice {
     pub fn write(&self, port: u16, data: &[u8]) {
         if let Some(&b) = data.first() {
             let mut u = lock(&self.0);
+            // A byte to the transmit register is written and flushed by the UART.
             if let Err(e) = u.write((port - COM1_PORT) as u8, b) {
                 tracing::debug!(error = ?e, "serial write failed");
-            }
-            if (port - COM1_PORT) == 0 {
-                let _ = u.writer_mut().flush();
             }
         }
     }
@@ -109,17 +107,20 @@ impl MutEventSubscriber for StdinInput {
         }
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
+    fn process(&mut self, _events: Events, ops: &mut EventOps) {
         let mut buf = [0u8; 64];
         let fd = io::stdin().as_raw_fd();
         // SAFETY: reading into a stack buffer of the given length from stdin.
         let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 || events.event_set().contains(EventSet::HANG_UP) {
+        if n > 0 {
+            // Delivered even when the writer has hung up meanwhile (a pipe reports
+            // IN and HUP together for its last bytes); the end is seen on the next
+            // read, which returns 0.
+            self.serial.input(&buf[..n as usize]);
+        } else {
             // EOF or error: stop watching stdin.
             let _ = ops.remove(Events::new(&io::stdin(), EventSet::IN));
-            return;
         }
-        self.serial.input(&buf[..n as usize]);
     }
 }
 
