@@ -233,10 +233,28 @@ impl Meta {
         index
     }
 
-    /// Must follow every change of `l1` or `rc_table`: drops the table index that
-    /// [`Meta::check_data_overlap`] searches.
+    /// Must follow every change of `l1` or `rc_table` that [`Meta::table_moved`] does
+    /// not describe: drops the table index that [`Meta::check_data_overlap`] searches.
     pub fn tables_changed(&mut self) {
         self.table_index.take();
+    }
+
+    /// Must follow a change of one `l1` or `rc_table` entry: the table `name` ("active
+    /// L2 table" or "refcount block") moved from host offset `old` to `new` (0: none).
+    /// Updates the index in place rather than rebuilding it on the next write.
+    pub fn table_moved(&mut self, old: u64, new: u64, name: &'static str) {
+        let Some(index) = self.table_index.get_mut() else {
+            return;
+        };
+        if old != 0 {
+            if let Ok(i) = index.binary_search(&(old, name)) {
+                index.remove(i);
+            }
+        }
+        if new != 0 {
+            let i = index.partition_point(|e| *e < (new, name));
+            index.insert(i, (new, name));
+        }
     }
 
     /// Fails for a host offset past everything in the image file (and past every
@@ -374,7 +392,7 @@ impl Meta {
         self.make_room_l2(st)?;
         self.l2_cache.insert(new, table, true);
         self.l1[l1i] = new | OFLAG_COPIED;
-        self.tables_changed();
+        self.table_moved(old, new, "active L2 table");
         self.l1_dirty = true;
         if old != 0 {
             self.pending_frees.push(PendingFree {
@@ -514,8 +532,8 @@ impl Meta {
         refcount::set(&mut block, 0, self.geo.refcount_order, 1);
         st.write_at(&block, new_off)?;
         st.flush()?;
-        self.rc_table[rbi as usize] = new_off;
-        self.tables_changed();
+        let old = std::mem::replace(&mut self.rc_table[rbi as usize], new_off);
+        self.table_moved(old, new_off, "refcount block");
         st.write_at(
             &new_off.to_be_bytes(),
             self.header.refcount_table_offset + rbi * 8,
@@ -674,8 +692,8 @@ impl Meta {
                 st.flush()?;
                 for (j, &b) in needed.iter().enumerate() {
                     let boff = (start + n + j as u64) * cs;
-                    self.rc_table[b as usize] = boff;
-                    self.tables_changed();
+                    let old = std::mem::replace(&mut self.rc_table[b as usize], boff);
+                    self.table_moved(old, boff, "refcount block");
                     st.write_at(
                         &boff.to_be_bytes(),
                         self.header.refcount_table_offset + b * 8,
