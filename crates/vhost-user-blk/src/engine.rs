@@ -261,10 +261,24 @@ impl<B: BlockBackend + 'static> Engine<B> {
                 // count has not dropped yet.
                 let limit = 2 * usize::from(q.size());
                 let busy = self.queued(queue);
+                let table = q.size();
                 let r = (|| -> Result<bool, virtio_queue::Error> {
                     q.disable_notification(mem)?;
+                    // Checked here, as `VirtioBlk::process_queue` does, so that
+                    // virtio-queue's iterator (which logs at error level on every
+                    // kick) never sees an index the driver pushed too far ahead.
+                    let avail = q.avail_idx(mem, Ordering::Acquire)?.0;
+                    if avail.wrapping_sub(q.next_avail()) > table {
+                        q.enable_notification(mem)?;
+                        tracing::warn!(
+                            queue,
+                            "virtqueue available index is too far ahead; not processing it"
+                        );
+                        return Ok(false);
+                    }
                     let mut popped = 0usize;
                     let mut answered = 0usize;
+                    let mut bad_heads = 0usize;
                     while let Some(chain) = q.pop_descriptor_chain(mem) {
                         if busy + reqs.len() >= limit {
                             // Put it back; the ring waits for the next kick.
@@ -280,13 +294,21 @@ impl<B: BlockBackend + 'static> Engine<B> {
                         match self.dev.parse_chain(chain, size) {
                             Ok(req) => reqs.push(req),
                             // A head outside the descriptor table cannot be returned.
-                            Err(c) => match q.add_used(mem, c.head, c.len) {
-                                Ok(()) => answered += 1,
-                                Err(e) => {
-                                    tracing::warn!(head = c.head, error = %e, "cannot return a chain")
+                            Err(c) => {
+                                if c.head < table && q.add_used(mem, c.head, c.len).is_ok() {
+                                    answered += 1;
+                                } else {
+                                    bad_heads += 1;
                                 }
-                            },
+                            }
                         }
+                    }
+                    if bad_heads > 0 {
+                        tracing::warn!(
+                            queue,
+                            bad_heads,
+                            "chains with a head outside the descriptor table skipped"
+                        );
                     }
                     let more = q.enable_notification(mem)?;
                     notify = answered > 0 && q.needs_notification(mem)?;
