@@ -93,12 +93,20 @@ def scenario(mode, outcome):
         if outcome == "cancel":
             d.ok("job-cancel", id="j")
             e = d.wait_event("BLOCK_JOB_CANCELLED", device="j")
-            d.note("job ended", {"event": e["event"], "offset<len": e["data"]["offset"]
-                                 < e["data"]["len"]})
+            # speed=1 holds the job after its first chunk: a cancel that found it
+            # finished would test nothing
+            if not e["data"]["offset"] < e["data"]["len"]:
+                raise QmpError(f"cancel scenario: the job had finished already: {e}")
+            d.note("job ended", {"event": e["event"], "offset<len": True})
         else:
             d.ok("block-job-set-speed", device="j", speed=0)
             e = d.wait_event("BLOCK_JOB_COMPLETED", device="j")
-            d.note("job ended", {"event": e["event"], "error": e["data"].get("error")})
+            error = e["data"].get("error")
+            # the injected target error must have ended the failure scenario, and
+            # nothing may have ended the success scenario
+            if (outcome == "failure") != (error is not None):
+                raise QmpError(f"{outcome} scenario ended with error={error!r}")
+            d.note("job ended", {"event": e["event"], "error": error})
         d.wait_event("JOB_STATUS_CHANGE", id="j", status="null")
         bitmap(d, "after the job")
         # D: the bitmap records again, as a plain bitmap

@@ -276,7 +276,7 @@ fn without_a_policy_the_export_behaves_as_qemu_storage_daemon() {
 }
 
 #[test]
-fn a_burst_of_requests_runs_concurrently_and_every_answer_arrives() {
+fn a_burst_of_requests_is_answered_in_full() {
     require_qemu!();
     let dir = tempdir();
     // A read error in the middle of the burst: reported for that request only.

@@ -110,6 +110,10 @@ impl Session {
     /// Feeds bytes from the client, runs every complete request in order, and
     /// returns everything the monitor wrote since the last call.
     pub fn feed(&mut self, bytes: &[u8]) -> Vec<u8> {
+        if self.is_closed() {
+            // Like a closed socket: nothing more is read.
+            return self.take_output();
+        }
         let mut msgs = Vec::new();
         self.streamer.feed(bytes, &mut msgs);
         for msg in msgs {

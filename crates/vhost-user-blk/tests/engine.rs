@@ -13,10 +13,13 @@ use serde_json::Value;
 use strata_vhost_user_blk::{Export, ExportConfig};
 use strata_virtio_blk::{BackendError, BlockBackend, ErrorAction, ErrorEvent, ErrorSink, IoStatus};
 
-/// A 16 MiB disk in memory whose next `fail_writes` writes fail.
+/// A 16 MiB disk in memory whose next `fail_writes` writes fail. Each write takes
+/// 5 ms, and the most writes ever in progress at once is kept.
 struct MemDisk {
     data: Mutex<Vec<u8>>,
     fail_writes: AtomicU32,
+    writing: AtomicU32,
+    most_writing: AtomicU32,
 }
 
 impl MemDisk {
@@ -24,6 +27,8 @@ impl MemDisk {
         Arc::new(MemDisk {
             data: Mutex::new(vec![0; 16 << 20]),
             fail_writes: AtomicU32::new(0),
+            writing: AtomicU32::new(0),
+            most_writing: AtomicU32::new(0),
         })
     }
 }
@@ -48,6 +53,10 @@ impl BlockBackend for MemDisk {
         if fail {
             return Err(BackendError::io("Input/output error"));
         }
+        let now = self.writing.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_writing.fetch_max(now, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(5));
+        self.writing.fetch_sub(1, Ordering::SeqCst);
         let mut d = self.data.lock().unwrap();
         d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
         Ok(())
@@ -182,6 +191,11 @@ fn burst_runs_on_the_pool_and_every_request_is_answered() {
     p.send("kick");
     let done = p.wait_n(32);
     assert!(done.iter().all(|v| v["status"] == 0), "{done:?}");
+    let most = disk.most_writing.load(Ordering::SeqCst);
+    assert!(
+        most > 1,
+        "32 writes of 5 ms each ran one at a time (at most {most} at once)"
+    );
     {
         let d = disk.data.lock().unwrap();
         for i in 0..32usize {

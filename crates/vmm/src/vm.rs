@@ -303,6 +303,10 @@ pub struct VmCore {
     disks: Vec<Disk>,
     ged: Arc<Ged>,
     state: Mutex<RunState>,
+    /// Held through every run-state transition (stop, cont, reset, internal error),
+    /// which come from the monitor, the error policy's stop thread and the event
+    /// loop: each checks the state and then acts on it, and must not interleave.
+    lifecycle: Mutex<()>,
     events: EventSlot,
 }
 
@@ -396,6 +400,7 @@ impl VmCore {
     }
 
     fn stop_as(&self, state: RunState) {
+        let _t = lock_transition(&self.lifecycle);
         if self.status() != RunState::Running {
             return;
         }
@@ -409,6 +414,7 @@ impl VmCore {
 
     /// QMP `cont`: resumes a paused VM and emits `RESUME`.
     pub fn cont(&self) -> Result<(), String> {
+        let _t = lock_transition(&self.lifecycle);
         match self.status() {
             RunState::Running => return Ok(()),
             RunState::Prelaunch | RunState::Paused | RunState::IoError => {}
@@ -446,6 +452,7 @@ impl VmCore {
     /// and the kernel are loaded again and the vCPUs restart from their power-on
     /// state. A paused VM stays paused. Emits `RESET`.
     fn reset(&self, guest: bool) -> Result<(), String> {
+        let _t = lock_transition(&self.lifecycle);
         let before = self.status();
         if matches!(before, RunState::Shutdown) {
             return Err("the VM is shutting down".into());
@@ -637,6 +644,7 @@ impl Vm {
             } else {
                 RunState::Running
             }),
+            lifecycle: Mutex::new(()),
             events,
         });
         for d in &core.disks {
@@ -718,8 +726,11 @@ impl Vm {
                     return Ok(ShutdownCause::InternalError(msg));
                 }
                 // As QEMU: the VM stops in internal-error state; the monitor decides.
+                let _t = lock_transition(&self.core.lifecycle);
                 self.core.park_vcpus(Want::Pause);
-                self.core.quiesce_devices();
+                for e in self.core.quiesce_devices() {
+                    tracing::warn!("{e}");
+                }
                 self.core.set_status(RunState::InternalError);
                 self.core.emit("STOP", None);
             }
@@ -771,4 +782,9 @@ impl MutEventSubscriber for Wake {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.0.read();
     }
+}
+
+/// Takes the run-state transition lock (a poisoned lock is still a lock).
+fn lock_transition(m: &Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
