@@ -127,7 +127,7 @@ fn linux_takes_its_devices_and_interrupt_controllers_from_strata_acpi_tables() {
         disk.display()
     ));
     cmd.args(["-device", "virtio-blk-device,drive=d0"]);
-    let run = run_vm(cmd, Duration::from_secs(120), |_| false);
+    let run = run_vm(cmd, Duration::from_secs(120));
     let log = &run.output;
     println!("{log}");
     assert!(

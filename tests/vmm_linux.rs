@@ -81,7 +81,7 @@ fn boot_and_check(kernel: &Path, deadline: Duration) {
         .arg("--drive")
         .arg(format!("file={},format=qcow2,if=virtio,id=d0", s(&disk)))
         .args(["--serial", "stdio", "--no-reboot"]);
-    let run = run_vm(cmd, deadline, |_| false);
+    let run = run_vm(cmd, deadline);
     let log = &run.output;
     println!("{log}");
     println!("strata-vm ran {:?}, exit {:?}", run.elapsed, run.status);

@@ -126,9 +126,8 @@ pub struct Run {
 }
 
 /// Runs `cmd` with stdin closed until it exits or `deadline` passes (then it is killed),
-/// collecting its stdout and stderr. `done` may end the run early: it is called on the
-/// output so far, and when it returns true the process is killed.
-pub fn run_vm(mut cmd: Command, deadline: Duration, done: impl Fn(&str) -> bool) -> Run {
+/// collecting its stdout and stderr.
+pub fn run_vm(mut cmd: Command, deadline: Duration) -> Run {
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
@@ -157,8 +156,7 @@ pub fn run_vm(mut cmd: Command, deadline: Duration, done: impl Fn(&str) -> bool)
         if let Some(status) = child.try_wait().expect("wait for the VM") {
             break Some(status);
         }
-        let text = String::from_utf8_lossy(&output.lock().unwrap()).into_owned();
-        if start.elapsed() > deadline || done(&text) {
+        if start.elapsed() > deadline {
             let _ = child.kill();
             let _ = child.wait();
             break None;

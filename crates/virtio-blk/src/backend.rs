@@ -58,6 +58,7 @@ pub trait BlockBackend: Send + Sync {
 }
 
 fn from_block(e: strata_block::BlockError) -> BackendError {
+    // Linux's ENOSPC (the crate does not depend on libc for one constant).
     const ENOSPC: i32 = 28;
     // QEMU's BLOCK_IO_ERROR `reason` is the C library's text for the errno; errors
     // without one keep the block layer's description.

@@ -428,3 +428,20 @@ fn vectored_read_of_a_cluster_larger_than_the_bounce_chunk() {
         "cluster 1 reads its data"
     );
 }
+
+#[test]
+fn vectored_write_of_a_whole_two_mib_cluster() {
+    let opts = CreateOptions {
+        cluster_size: Some(2 << 20),
+        ..CreateOptions::default()
+    };
+    let (_mem, img) = new_image(8 << 20, &opts);
+    let data: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8).collect();
+    let (a, b) = data.split_at(1 << 19);
+    img.write_vectored(&[IoBuf::from_slice(a), IoBuf::from_slice(b)], 2 << 20)
+        .unwrap();
+    let mut back = vec![0u8; 3 << 20];
+    img.read(&mut back, 2 << 20).unwrap();
+    assert!(back == data, "the data read back differs");
+    assert_eq!(img.check(None).unwrap().corruptions, 0);
+}

@@ -90,8 +90,10 @@ impl Qcow2 {
                         .write_vectored_at(&iobuf::slice(bufs, done, n), h + in_off)?;
                 }
                 None => {
-                    // Allocation or copy-on-write, through a bounded buffer.
-                    let n = n.min(iobuf::BOUNCE_CHUNK);
+                    // Allocation or copy-on-write, through a bounded buffer of at
+                    // least a cluster: a 2 MiB cluster written in two halves would
+                    // copy-on-write the second half just to overwrite it.
+                    let n = n.min(iobuf::BOUNCE_CHUNK.max(cs as usize));
                     let mut tmp = vec![0u8; n];
                     iobuf::gather(bufs, done, &mut tmp);
                     self.write_impl(&tmp, pos)?;
