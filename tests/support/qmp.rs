@@ -15,9 +15,23 @@ pub struct Qmp {
 }
 
 impl Qmp {
-    /// Connects to `path` and leaves capabilities negotiation mode.
+    /// Connects to `path` and leaves capabilities negotiation mode. A server that
+    /// has bound its socket but is not listening yet (the file exists, connecting is
+    /// refused) is given up to 10 s.
     pub fn connect(path: &Path) -> Qmp {
-        let w = UnixStream::connect(path).expect("qmp connect");
+        let start = std::time::Instant::now();
+        let w = loop {
+            match UnixStream::connect(path) {
+                Ok(w) => break w,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && start.elapsed() < Duration::from_secs(10) =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("qmp connect to {}: {e}", path.display()),
+            }
+        };
         w.set_read_timeout(Some(Duration::from_secs(120)))
             .expect("timeout");
         let r = BufReader::new(w.try_clone().expect("clone"));
