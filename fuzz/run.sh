@@ -68,8 +68,18 @@ run_all() {
         grep -E '^#[0-9]+[[:space:]]+DONE|^stat::number_of_executed_units|^stat::peak_rss_mb' "$logs/$t.log" | sed "s/^/  /"
         if [ $rc -ne 0 ]; then
             echo "  FAILED (exit $rc); log: $logs/$t.log" >&2
-            grep -E 'panicked at|ERROR: libFuzzer|ERROR: AddressSanitizer|SUMMARY|Test unit written' \
-                "$logs/$t.log" | head -n 8 | sed 's/^/  /' >&2
+            grep -A1 -E 'panicked at' "$logs/$t.log" | head -n 4 | sed 's/^/  /' >&2
+            grep -E 'ERROR: libFuzzer|ERROR: AddressSanitizer|SUMMARY|Test unit written' \
+                "$logs/$t.log" | head -n 6 | sed 's/^/  /' >&2
+            # The input itself, so that a failure on a machine whose files are gone
+            # can still be replayed: base64 of the newest artifact when it is small.
+            local art
+            art="$(ls -t "artifacts/$t"/* 2>/dev/null | head -n 1)"
+            if [ -n "$art" ] && [ "$(stat -c %s "$art")" -le 8192 ]; then
+                echo "  input (base64 of $art):" >&2
+                base64 -w 0 "$art" | fold -w 100 | sed 's/^/    /' >&2
+                echo >&2
+            fi
             failed+=("$t")
         fi
     done

@@ -18,7 +18,7 @@
 use strata_qmp::json::{parse, Json, JsonStreamer, Message};
 use strata_qmp::output::to_json_string;
 
-use crate::qmp_scratch::{check_lines, check_response, is_event, Scratch};
+use crate::qmp_scratch::{check_lines, check_response, is_event, mark_nonfinite, Scratch};
 
 /// The `qmp_session` target: see the module documentation.
 pub fn qmp_session(data: &[u8]) {
@@ -58,12 +58,12 @@ pub fn qmp_session(data: &[u8]) {
     for (i, (rsp, req)) in responses.iter().zip(&requests).enumerate() {
         let id = check_response(rsp);
         // As the monitor prints it: a float id with an integral value (2500.0)
-        // prints as an integer, as in QEMU.
+        // prints as an integer, and an infinite one as `inf`, as in QEMU.
         let want = req
             .as_ref()
             .ok()
             .and_then(|r| r.get("id"))
-            .and_then(|id| parse(to_json_string(id).as_bytes()).ok());
+            .and_then(|id| parse(mark_nonfinite(&to_json_string(id)).0.as_bytes()).ok());
         assert!(
             id == want,
             "response {i} has id {id:?}, its request {want:?}: {rsp}"
