@@ -22,7 +22,7 @@ use crate::boot::{self, BootSpec};
 use crate::devices::block::{Disk, DiskConfig};
 use crate::devices::ged::Ged;
 use crate::devices::serial::{Output, SerialDevice, StdinInput};
-use crate::devices::Bus;
+use crate::devices::{Bus, MmioSlot};
 use crate::layout::{
     virtio_mmio_addr, virtio_mmio_gsi, COM1_GSI, GED_GSI, GED_MMIO_ADDR, VIRTIO_MMIO_MAX,
     VIRTIO_MMIO_SIZE,
@@ -353,17 +353,20 @@ impl VmCore {
         &self.ctl
     }
 
-    /// Parks every vCPU thread (kicking them out of `KVM_RUN` until they are).
+    /// Parks every vCPU thread (kicking them out of `KVM_RUN` until they are). A
+    /// thread that has ended (one whose vCPU could not be set up) never parks and is
+    /// not waited for.
     fn park_vcpus(&self, want: Want) {
         let vcpus = self.vcpus.lock().unwrap_or_else(|e| e.into_inner());
         let n = vcpus.len();
+        let ended = || vcpus.iter().filter(|v| v.finished()).count();
         let mut s = self.ctl.lock();
         // Exit is final: a later pause request does not undo it.
         if s.want != Want::Exit {
             s.want = want;
         }
         self.ctl.cv.notify_all();
-        while s.want == Want::Pause && s.parked < n {
+        while s.want == Want::Pause && s.parked + ended() < n {
             drop(s);
             for v in vcpus.iter() {
                 v.kick();
@@ -626,7 +629,10 @@ impl Vm {
         }
         let bus = Arc::new(Bus {
             serial,
-            mmio: disks.iter().map(|d| d.transport.clone()).collect(),
+            mmio: disks
+                .iter()
+                .map(|d| MmioSlot::new(d.transport.clone()))
+                .collect(),
             memory: mem.clone(),
             ged: ged.clone(),
         });

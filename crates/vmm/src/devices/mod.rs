@@ -22,17 +22,35 @@ use crate::layout::{GED_MMIO_ADDR, GED_MMIO_SIZE, VIRTIO_MMIO_BASE, VIRTIO_MMIO_
 use block::BlkTransport;
 use power::PowerEvent;
 use serial::SerialDevice;
+use virtio_mmio::InterruptStatus;
 
 /// Every device a vCPU can reach.
 pub struct Bus {
     /// COM1.
     pub serial: SerialDevice,
     /// virtio-mmio device `i` at `layout::virtio_mmio_addr(i)`.
-    pub mmio: Vec<Arc<Mutex<BlkTransport>>>,
+    pub mmio: Vec<MmioSlot>,
     /// Guest memory (for vCPU resets).
     pub memory: Arc<crate::memory::GuestMemory>,
     /// The ACPI Generic Event Device at `layout::GED_MMIO_ADDR`.
     pub ged: Arc<ged::Ged>,
+}
+
+/// One virtio-mmio window on the bus.
+#[derive(Clone)]
+pub struct MmioSlot {
+    /// The transport (every register but the two below).
+    pub transport: Arc<Mutex<BlkTransport>>,
+    /// `InterruptStatus` / `InterruptACK`, served without the transport's lock.
+    pub isr: Arc<InterruptStatus>,
+}
+
+impl MmioSlot {
+    /// The window of `transport`.
+    pub fn new(transport: Arc<Mutex<BlkTransport>>) -> MmioSlot {
+        let isr = lock(&transport).interrupt_status();
+        MmioSlot { transport, isr }
+    }
 }
 
 impl std::fmt::Debug for Bus {
@@ -71,14 +89,14 @@ impl Bus {
 
     /// The device and offset an MMIO access falls on, if the whole access fits in
     /// one device window.
-    fn mmio_target(&self, addr: u64, len: usize) -> Option<(&Mutex<BlkTransport>, u64)> {
+    fn mmio_target(&self, addr: u64, len: usize) -> Option<(&MmioSlot, u64)> {
         let rel = addr.checked_sub(VIRTIO_MMIO_BASE)?;
         let index = usize::try_from(rel / VIRTIO_MMIO_SIZE).ok()?;
         let off = rel % VIRTIO_MMIO_SIZE;
         if off + len as u64 > VIRTIO_MMIO_SIZE {
             return None;
         }
-        self.mmio.get(index).map(|d| (&**d, off))
+        self.mmio.get(index).map(|d| (d, off))
     }
 
     /// The offset into the GED's window of an access that fits in it.
@@ -93,7 +111,11 @@ impl Bus {
             return self.ged.read(off, data);
         }
         match self.mmio_target(addr, data.len()) {
-            Some((d, off)) => lock(d).read(off, data),
+            Some((d, off)) => {
+                if !d.isr.try_read(off, data) {
+                    lock(&d.transport).read(off, data);
+                }
+            }
             None => data.fill(0xff),
         }
     }
@@ -104,7 +126,9 @@ impl Bus {
             return self.ged.write(off, data);
         }
         if let Some((d, off)) = self.mmio_target(addr, data.len()) {
-            lock(d).write(off, data);
+            if !d.isr.try_write(off, data) {
+                lock(&d.transport).write(off, data);
+            }
         }
     }
 }

@@ -9,6 +9,7 @@
 //! at debug level and otherwise ignored (reads return zero). A ring the device cannot
 //! use any more sets DEVICE_NEEDS_RESET and raises a configuration interrupt.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use strata_virtio_blk::{BlockBackend, PendingRequest, VirtioBlk};
@@ -130,6 +131,54 @@ impl Interrupt for EventFd {
     }
 }
 
+/// The `InterruptStatus` register, shared with the bus so that a guest's interrupt
+/// handler reads and acknowledges it without waiting for the transport's lock, which
+/// the event loop holds while it runs a queue's requests.
+#[derive(Debug, Default)]
+pub struct InterruptStatus(AtomicU32);
+
+impl InterruptStatus {
+    /// The pending causes.
+    pub fn get(&self) -> u32 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Adds `cause` (before the interrupt is signalled, so the guest sees it).
+    fn raise(&self, cause: u32) {
+        self.0.fetch_or(cause, Ordering::SeqCst);
+    }
+
+    /// The driver's `InterruptACK`: clears the causes set in `v`.
+    fn ack(&self, v: u32) {
+        self.0.fetch_and(!v, Ordering::SeqCst);
+    }
+
+    fn clear(&self) {
+        self.0.store(0, Ordering::SeqCst);
+    }
+
+    /// Serves an aligned 4-byte read of `InterruptStatus`; false for any other
+    /// access, which goes to the transport.
+    pub fn try_read(&self, offset: u64, data: &mut [u8]) -> bool {
+        if offset != reg::INTERRUPT_STATUS || data.len() != 4 {
+            return false;
+        }
+        data.copy_from_slice(&self.get().to_le_bytes());
+        true
+    }
+
+    /// Serves an aligned 4-byte write of `InterruptACK`; false for any other access.
+    pub fn try_write(&self, offset: u64, data: &[u8]) -> bool {
+        match <[u8; 4]>::try_from(data) {
+            Ok(b) if offset == reg::INTERRUPT_ACK => {
+                self.ack(u32::from_le_bytes(b));
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 /// What the driver has written for one queue (applied to the queue when it is made
 /// ready, after checking).
 #[derive(Debug, Clone, Copy, Default)]
@@ -162,7 +211,7 @@ pub struct MmioTransport<B: BlockBackend> {
     driver_features_sel: u32,
     driver_features: u64,
     status: u32,
-    interrupt_status: u32,
+    interrupt_status: Arc<InterruptStatus>,
     config_generation: u32,
     irq: Arc<dyn Interrupt>,
     notifiers: Vec<Option<EventFd>>,
@@ -205,7 +254,7 @@ impl<B: BlockBackend> MmioTransport<B> {
             driver_features_sel: 0,
             driver_features: 0,
             status: 0,
-            interrupt_status: 0,
+            interrupt_status: Arc::default(),
             config_generation: 0,
             irq,
             notifiers: (0..n).map(|_| None).collect(),
@@ -229,6 +278,11 @@ impl<B: BlockBackend> MmioTransport<B> {
     /// Called when the device's error policy stops on a failed request.
     pub fn set_stop_hook(&mut self, hook: StopHook) {
         self.stop_hook = Some(hook);
+    }
+
+    /// The `InterruptStatus` register, for the bus's lock-free path.
+    pub fn interrupt_status(&self) -> Arc<InterruptStatus> {
+        self.interrupt_status.clone()
     }
 
     /// The device.
@@ -319,7 +373,7 @@ impl<B: BlockBackend> MmioTransport<B> {
             reg::QUEUE_READY => self
                 .selected()
                 .map_or(0, |q| u32::from(self.queues[q].ready())),
-            reg::INTERRUPT_STATUS => self.interrupt_status,
+            reg::INTERRUPT_STATUS => self.interrupt_status.get(),
             reg::STATUS => self.status,
             reg::CONFIG_GENERATION => self.config_generation,
             // No shared memory regions: a length of all ones says so.
@@ -390,7 +444,7 @@ impl<B: BlockBackend> MmioTransport<B> {
             | reg::QUEUE_DEVICE_HIGH => self.write_queue_reg(offset, v),
             reg::QUEUE_READY => self.write_queue_ready(v),
             reg::QUEUE_NOTIFY => self.notify(v),
-            reg::INTERRUPT_ACK => self.interrupt_status &= !v,
+            reg::INTERRUPT_ACK => self.interrupt_status.ack(v),
             reg::STATUS => self.write_status(v),
             reg::SHM_SEL => {}
             _ => self.reject("unknown or read-only register write", offset, 4),
@@ -549,13 +603,13 @@ impl<B: BlockBackend> MmioTransport<B> {
         self.driver_features_sel = 0;
         self.driver_features = 0;
         self.status = 0;
-        self.interrupt_status = 0;
+        self.interrupt_status.clear();
         self.pending = None;
         self.dev.reset();
     }
 
     fn raise(&mut self, cause: u32) {
-        self.interrupt_status |= cause;
+        self.interrupt_status.raise(cause);
         self.irq.trigger();
     }
 

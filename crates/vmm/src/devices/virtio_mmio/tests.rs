@@ -328,7 +328,17 @@ fn a_write_request_reaches_the_disk_and_raises_the_interrupt() {
         r32(&mut t, reg::INTERRUPT_STATUS) & INT_USED_RING,
         INT_USED_RING
     );
-    w32(&mut t, reg::INTERRUPT_ACK, INT_USED_RING);
+    // The bus's lock-free path sees the same register, and only at its offsets
+    // with 4-byte accesses.
+    let isr = t.interrupt_status();
+    let mut b = [0u8; 4];
+    assert!(isr.try_read(reg::INTERRUPT_STATUS, &mut b));
+    assert_eq!(u32::from_le_bytes(b) & INT_USED_RING, INT_USED_RING);
+    assert!(!isr.try_read(reg::INTERRUPT_STATUS, &mut [0u8; 2]));
+    assert!(!isr.try_read(reg::STATUS, &mut b));
+    assert!(!isr.try_write(reg::INTERRUPT_ACK, &[1, 0]));
+    assert!(!isr.try_write(reg::STATUS, &[0; 4]));
+    assert!(isr.try_write(reg::INTERRUPT_ACK, &INT_USED_RING.to_le_bytes()));
     assert_eq!(r32(&mut t, reg::INTERRUPT_STATUS), 0);
     // While paused nothing is processed; resume processes what was kicked meanwhile.
     disk.0.lock().unwrap()[1024..1536].fill(0);
