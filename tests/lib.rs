@@ -11,6 +11,10 @@
 //! - [`Model`]: an in-memory disk that random operation sequences are mirrored into,
 //! - [`qcow2`]: a tiny header reader/patcher used to build corrupted images,
 //! - [`vmm_guest`]: the bare-metal test guest (build, serial report, expected disk),
+//! - [`linux_guest`]: the Debian guest (build, ACPI overrides in its initramfs, a VM
+//!   run with a deadline),
+//! - [`kvm`], the binaries of the workspace, and [`skip_unless!`] for a test that needs
+//!   a missing capability,
 //! - byte comparison that reports the first differing offset, seeds that can be replayed,
 //!   and whole-disk reads through the library.
 
@@ -19,6 +23,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use strata_image::FormatDriver;
 
+#[path = "support/linux_guest.rs"]
+pub mod linux_guest;
 #[path = "support/qcow2.rs"]
 pub mod qcow2;
 #[path = "support/qemu.rs"]
@@ -262,17 +268,13 @@ pub fn strata_storage_daemon_bin() -> PathBuf {
 }
 
 /// A binary of the workspace next to the test binary (`target/<profile>/NAME`), or the
-/// path in environment variable `var`.
+/// path in environment variable `var`. Panics with the build command when it is
+/// missing, so that the tests that need it fail loudly instead of skipping.
 pub fn workspace_bin(name: &str, var: &str) -> PathBuf {
     if let Ok(p) = std::env::var(var) {
         return PathBuf::from(p);
     }
-    let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test binary is not inside target/<profile>/deps");
-    let bin = profile_dir.join(name);
+    let bin = profile_dir().join(name);
     assert!(
         bin.is_file(),
         "{name} not found at {}: build it first with `cargo build --release --workspace --bins` \
@@ -282,28 +284,40 @@ pub fn workspace_bin(name: &str, var: &str) -> PathBuf {
     bin
 }
 
-/// Where `strata-img` is: next to this test binary's `deps/` directory, in the same
-/// target profile directory. Panics with the build command when it is missing, so the
-/// CLI tests fail loudly instead of skipping.
+/// Where `strata-img` is (see [`workspace_bin`]; `STRATA_IMG` overrides).
 pub fn strata_img_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("STRATA_IMG") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test>-<hash>  ->  target/<profile>/strata-img
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test binary is not inside target/<profile>/deps");
-    let bin = profile_dir.join("strata-img");
-    if !bin.is_file() {
-        panic!(
-            "strata-img binary not found at {}: build it first with \
-             `cargo build --release --workspace --bins` (or set STRATA_IMG=/path/to/strata-img)",
-            bin.display()
-        );
-    }
-    bin
+    workspace_bin("strata-img", "STRATA_IMG")
+}
+
+/// The strata-vm binary (built on first use; `STRATA_VM` overrides the path).
+pub fn strata_vm_bin() -> PathBuf {
+    cargo_artifact("strata-vm", Artifact::Bin("strata-vm"), "STRATA_VM")
+}
+
+/// Why KVM cannot be used here, if it cannot (`/dev/kvm` missing or not read-write).
+pub fn kvm() -> Result<(), String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(|_| ())
+        .map_err(|e| format!("/dev/kvm is not usable ({e})"))
+}
+
+/// The value of `$check` (a `Result<T, String>`); when it is `Err(why)`, prints
+/// `SKIP: why` (to stdout and stderr) and returns from the enclosing test.
+#[macro_export]
+macro_rules! skip_unless {
+    ($check:expr) => {
+        match $check {
+            Ok(v) => v,
+            Err(why) => {
+                println!("SKIP: {why}");
+                eprintln!("SKIP: {why}");
+                return;
+            }
+        }
+    };
 }
 
 /// A path as a `&str` (test paths are always UTF-8).

@@ -14,57 +14,28 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use strata_tests::qmp::Qmp;
-use strata_tests::{cargo_artifact, qemu, require_qemu, s, stamps, tempdir, Artifact, MIB};
+use strata_tests::{
+    cargo_artifact, qemu, require_qemu, s, skip_unless, stamps, tempdir, Artifact, MIB,
+};
 
 #[path = "vhost_user_blk/errors.rs"]
 mod errors;
 
 /// Kernel and initramfs of the test guest, or why they are unavailable.
 fn guest() -> Result<(PathBuf, PathBuf), String> {
-    static GUEST: OnceLock<Result<(PathBuf, PathBuf), String>> = OnceLock::new();
-    GUEST
-        .get_or_init(|| {
-            let v = Command::new("qemu-system-x86_64")
-                .arg("--version")
-                .output()
-                .map_err(|e| {
-                    format!(
-                        "qemu-system-x86_64 is not installed ({e}); install qemu-system-x86 \
-                         from bookworm-backports"
-                    )
-                })?;
-            let text = String::from_utf8_lossy(&v.stdout);
-            if !text.contains("version 10.") {
-                return Err(format!("qemu-system-x86_64 10.x needed, found: {text}"));
-            }
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
-            let text = strata_tests::run_build_script(&script, &[])?;
-            let get = |k: &str| {
-                text.lines()
-                    .find_map(|l| l.strip_prefix(k))
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| panic!("guest build printed no {k}"))
-            };
-            Ok((get("KERNEL="), get("INITRD=")))
-        })
-        .clone()
+    qemu::system_emulator()?;
+    let g = strata_tests::linux_guest::guest()?;
+    Ok((g.bzimage, g.initrd))
 }
 
 macro_rules! require_guest {
     () => {
         require_qemu!();
-        let (kernel, initrd) = match guest() {
-            Ok(g) => g,
-            Err(why) => {
-                println!("SKIP: {why}");
-                eprintln!("SKIP: {why}");
-                return;
-            }
-        };
+        let (kernel, initrd) = skip_unless!(guest());
         let _ = (&kernel, &initrd);
     };
 }

@@ -10,54 +10,18 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use strata_tests::qmp::Qmp;
 use strata_tests::vmm_guest as vg;
-use strata_tests::{cargo_artifact, profile_dir, qemu, require_qemu, s, stamps, tempdir, Artifact};
-
-/// Why KVM cannot be used, if it cannot.
-fn kvm() -> Result<(), String> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .map(|_| ())
-        .map_err(|e| format!("/dev/kvm is not usable ({e})"))
-}
-
-/// The test guest ELF, built once per test run.
-fn guest() -> Result<PathBuf, String> {
-    static GUEST: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    GUEST
-        .get_or_init(|| {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-            let script = root.join("vmm_guest/build.sh");
-            if !script.exists() {
-                return Err(format!("{} is missing", script.display()));
-            }
-            let out_dir = profile_dir().join("vmm_guest");
-            let path = strata_tests::run_build_script(&script, &[&out_dir])?;
-            Ok(PathBuf::from(path.trim()))
-        })
-        .clone()
-}
+use strata_tests::{kvm, qemu, require_qemu, s, skip_unless, stamps, strata_vm_bin, tempdir};
 
 macro_rules! require_vm {
     () => {
         require_qemu!();
-        if let Err(why) = kvm().and_then(|_| guest().map(|_| ())) {
-            println!("SKIP: {why}");
-            eprintln!("SKIP: {why}");
-            return;
-        }
+        skip_unless!(kvm().and_then(|_| vg::build()));
     };
-}
-
-/// The strata-vm binary (built on first use; `STRATA_VM` overrides the path).
-fn vm_bin() -> PathBuf {
-    cargo_artifact("strata-vm", Artifact::Bin("strata-vm"), "STRATA_VM")
 }
 
 /// A running strata-vm with the test guest; console lines are collected as they
@@ -88,11 +52,11 @@ impl Vm {
     /// [`Vm::start_smp`] with `extra` strata-vm arguments (e.g. `-S`).
     fn start_with(dir: &Path, test: &str, disk: &[String], smp: u8, extra: &[&str]) -> Vm {
         let qmp = dir.join("qmp.sock");
-        let mut child = Command::new(vm_bin())
+        let mut child = Command::new(strata_vm_bin())
             .args(extra)
             .args(["--smp", &smp.to_string()])
             .arg("--kernel")
-            .arg(guest().expect("checked by require_vm"))
+            .arg(vg::build().expect("checked by require_vm"))
             .args(["--append", &format!("test={test}")])
             .args(["-m", "64", "--no-reboot", "--serial", "stdio"])
             .args(disk)
@@ -548,7 +512,7 @@ fn bad_command_lines_fail_with_a_message() {
         (vec!["--serial".into(), "pty".into()], "serial backend"),
     ];
     for (args, want) in cases {
-        let out = Command::new(vm_bin())
+        let out = Command::new(strata_vm_bin())
             .args(["--kernel", "/nonexistent/kernel"])
             .args(&args)
             .stdin(Stdio::null())
@@ -563,7 +527,7 @@ fn bad_command_lines_fail_with_a_message() {
         // A kernel that is not one: a clear error after KVM is set up.
         let junk = dir.path().join("junk");
         std::fs::write(&junk, vec![0x41; 4096]).expect("write");
-        let out = Command::new(vm_bin())
+        let out = Command::new(strata_vm_bin())
             .arg("--kernel")
             .arg(&junk)
             .stdin(Stdio::null())

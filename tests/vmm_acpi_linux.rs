@@ -13,14 +13,11 @@
 //! Needs `qemu-system-x86_64` 10.x and the guest packages; prints SKIP and returns
 //! when they are missing.
 
-#[path = "support/linux_guest.rs"]
-mod linux_guest;
-
 use std::process::Command;
 use std::time::Duration;
 
-use linux_guest::{guest, initrd_with_acpi_tables, line_with, run_vm};
-use strata_tests::{qemu, require_qemu, tempdir};
+use strata_tests::linux_guest::{guest, initrd_with_acpi_tables, line_with, run_vm};
+use strata_tests::{qemu, require_qemu, skip_unless, tempdir};
 use strata_vm::acpi::{build_tables, AcpiConfig, MmioDevice};
 
 /// microvm's virtio-mmio transports with ACPI on and the second I/O APIC off (QEMU
@@ -50,29 +47,10 @@ fn newer(mut table: Vec<u8>) -> Vec<u8> {
     table
 }
 
-fn qemu_system() -> Result<(), String> {
-    let v = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .map_err(|e| format!("qemu-system-x86_64 is not installed ({e})"))?;
-    let text = String::from_utf8_lossy(&v.stdout);
-    if !text.contains("version 10.") {
-        return Err(format!("qemu-system-x86_64 10.x needed, found: {text}"));
-    }
-    Ok(())
-}
-
 #[test]
 fn linux_takes_its_devices_and_interrupt_controllers_from_strata_acpi_tables() {
     require_qemu!();
-    let g = match qemu_system().and_then(|_| guest()) {
-        Ok(g) => g,
-        Err(why) => {
-            println!("SKIP: {why}");
-            eprintln!("SKIP: {why}");
-            return;
-        }
-    };
+    let g = skip_unless!(qemu::system_emulator().and_then(|_| guest()));
     let dir = tempdir();
     let cfg = microvm_config(2);
     let tables = build_tables(&cfg).unwrap();

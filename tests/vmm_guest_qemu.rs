@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use strata_tests::vmm_guest::{self as guest, Expect};
-use strata_tests::{qemu, require_qemu, s, tempdir};
+use strata_tests::{qemu, require_qemu, s, skip_unless, tempdir};
 
 /// Disk size of the tests (sectors of 512 bytes).
 const DISK_SECTORS: u64 = 64 << 11;
@@ -19,26 +19,8 @@ const DISK_SECTORS: u64 = 64 << 11;
 macro_rules! require_guest {
     () => {{
         require_qemu!();
-        if let Err(why) = system_emulator() {
-            println!("SKIP: {why}");
-            eprintln!("SKIP: {why}");
-            return;
-        }
-        if let Err(why) = guest::available() {
-            println!("SKIP: {why}");
-            eprintln!("SKIP: {why}");
-            return;
-        }
-        guest::build().expect("building the test guest")
+        skip_unless!(qemu::system_emulator().and_then(|_| guest::build()))
     }};
-}
-
-fn system_emulator() -> Result<(), String> {
-    Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .map(|_| ())
-        .map_err(|e| format!("qemu-system-x86_64 is not installed ({e})"))
 }
 
 /// What a guest run printed and how QEMU ended.

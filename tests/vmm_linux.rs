@@ -17,15 +17,12 @@
 //! Each test prints a SKIP reason and returns when `/dev/kvm` or the guest packages are
 //! missing.
 
-#[path = "support/linux_guest.rs"]
-mod linux_guest;
-
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use linux_guest::{guest, line_with, run_vm};
-use strata_tests::{cargo_artifact, qemu, require_qemu, s, tempdir, Artifact};
+use strata_tests::linux_guest::{guest, line_with, run_vm};
+use strata_tests::{kvm, qemu, require_qemu, s, skip_unless, strata_vm_bin, tempdir};
 use strata_vm::acpi::{build_tables, AcpiConfig, MmioDevice};
 use strata_vm::layout;
 use strata_vm::memory::{self, e820};
@@ -34,21 +31,6 @@ use strata_vm::memory::{self, e820};
 const MEMORY: u64 = 256 << 20;
 /// vCPUs.
 const CPUS: u8 = 2;
-
-/// Why KVM cannot be used, if it cannot.
-fn kvm() -> Result<(), String> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .map(|_| ())
-        .map_err(|e| format!("/dev/kvm is not usable ({e})"))
-}
-
-/// The strata-vm binary (built on first use; `STRATA_VM` overrides the path).
-fn vm_bin() -> PathBuf {
-    cargo_artifact("strata-vm", Artifact::Bin("strata-vm"), "STRATA_VM")
-}
 
 /// One e820 line as Linux prints it: `BIOS-e820: [mem 0xSTART-0xEND] TYPE`.
 fn parse_e820(line: &str) -> Option<(u64, u64, String)> {
@@ -70,7 +52,7 @@ fn boot_and_check(kernel: &Path, deadline: Duration) {
     qemu::img(&["create", "-q", "-f", "qcow2", s(&disk), "64M"]).ok();
     // A word the kernel cannot have made up, to find the command line as given.
     let cmdline = "console=ttyS0 earlyprintk=ttyS0 panic=-1 strata.run=info strata.seed=4242";
-    let mut cmd = Command::new(vm_bin());
+    let mut cmd = Command::new(strata_vm_bin());
     cmd.arg("--kernel")
         .arg(kernel)
         .arg("--initrd")
@@ -211,11 +193,7 @@ fn boot_and_check(kernel: &Path, deadline: Duration) {
 macro_rules! require_linux_vm {
     () => {
         require_qemu!();
-        if let Err(why) = kvm().and_then(|_| guest().map(|_| ())) {
-            println!("SKIP: {why}");
-            eprintln!("SKIP: {why}");
-            return;
-        }
+        skip_unless!(kvm().and_then(|_| guest()));
     };
 }
 

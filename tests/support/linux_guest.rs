@@ -1,10 +1,7 @@
-//! The Debian Linux guest for the strata-vm checks: building it (`tests/guest/build.sh`),
-//! adding ACPI table overrides to its initramfs, and running a VM with a deadline while
-//! keeping its serial console output.
-//!
-//! Included by the tests that use it with `#[path = "support/linux_guest.rs"] mod ...;`.
-
-#![allow(dead_code)]
+//! The Debian Linux guest (`tests/guest/build.sh`): building it, adding ACPI table
+//! overrides to its initramfs, and running a VM with a deadline while keeping its
+//! serial console output. QEMU runs it over the vhost-user-blk export; strata-vm boots
+//! it directly.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -30,7 +27,7 @@ pub fn guest() -> Result<Guest, String> {
     GUEST
         .get_or_init(|| {
             let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
-            let text = strata_tests::run_build_script(&script, &[])?;
+            let text = crate::run_build_script(&script, &[])?;
             let get = |k: &str| {
                 text.lines()
                     .find_map(|l| l.strip_prefix(k))

@@ -48,12 +48,32 @@ pub fn available() -> Result<(), String> {
 #[macro_export]
 macro_rules! require_qemu {
     () => {
-        if let Err(why) = $crate::qemu::available() {
-            println!("SKIP: {why}");
-            eprintln!("SKIP: {why}");
-            return;
-        }
+        $crate::skip_unless!($crate::qemu::available())
     };
+}
+
+/// Whether `qemu-system-x86_64` 10.x is installed (the guest tests run under it);
+/// `Err` says why not.
+pub fn system_emulator() -> Result<(), String> {
+    static SYSTEM: OnceLock<Result<(), String>> = OnceLock::new();
+    SYSTEM
+        .get_or_init(|| {
+            let v = Command::new("qemu-system-x86_64")
+                .arg("--version")
+                .output()
+                .map_err(|e| {
+                    format!(
+                        "qemu-system-x86_64 is not installed ({e}); install qemu-system-x86 \
+                         from bookworm-backports"
+                    )
+                })?;
+            let text = String::from_utf8_lossy(&v.stdout);
+            if !text.contains("version 10.") {
+                return Err(format!("qemu-system-x86_64 10.x needed, found: {text}"));
+            }
+            Ok(())
+        })
+        .clone()
 }
 
 /// What a finished command printed, and how it exited.

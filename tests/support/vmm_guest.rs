@@ -6,7 +6,7 @@
 //! the guest (under QEMU or under `strata-vm`).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::sync::OnceLock;
 
 /// Sector size of the guest's requests.
 pub const SECTOR: u64 = 512;
@@ -16,44 +16,26 @@ pub const BLOCK: u64 = 4096;
 pub const PREFIX: &str = "STRATA-GUEST: ";
 
 /// Assembles the guest with `tests/vmm_guest/build.sh` into `target/<profile>/vmm-guest/`
-/// (cached by the hash of its sources) and returns the ELF's path. `Err` says why it
-/// cannot be built (e.g. nasm is missing).
+/// (cached by the hash of its sources; built once per test binary) and returns the
+/// ELF's path. `Err` says why it cannot be built here (nasm is missing); a failing
+/// build panics.
 pub fn build() -> Result<PathBuf, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vmm_guest/build.sh");
-    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-    let out_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|profile| profile.join("vmm-guest"))
-        .ok_or("test binary is not inside target/<profile>/deps")?;
-    let out = Command::new("sh")
-        .arg(&script)
-        .arg(&out_dir)
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{} failed ({}): {}",
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let path = PathBuf::from(path);
-    if !path.is_file() {
-        return Err(format!("build.sh printed {}, not a file", path.display()));
-    }
-    Ok(path)
-}
-
-/// Whether the guest can be built here (`nasm` present); `Err` says why not.
-pub fn available() -> Result<(), String> {
-    match Command::new("nasm").arg("-v").output() {
-        Ok(o) if o.status.success() => Ok(()),
-        Ok(o) => Err(format!("nasm -v failed ({})", o.status)),
-        Err(e) => Err(format!("nasm is not installed ({e})")),
-    }
+    static GUEST: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    GUEST
+        .get_or_init(|| {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("vmm_guest/build.sh");
+            let out_dir = crate::profile_dir().join("vmm-guest");
+            let out = crate::run_build_script(&script, &[&out_dir])?;
+            let path = PathBuf::from(out.trim());
+            assert!(
+                path.is_file(),
+                "{} printed {}, not a file",
+                script.display(),
+                path.display()
+            );
+            Ok(path)
+        })
+        .clone()
 }
 
 /// The guest's report: the text after [`PREFIX`] of every line that has it.
