@@ -103,6 +103,8 @@ pub(crate) struct Scratch {
     pub(crate) session: Session,
     pub(crate) state: Arc<BlockState>,
     exports: Arc<ExportState>,
+    /// Threads of the process before the scratch graph existed.
+    threads_before: usize,
     // Last: the files go after the nodes that use them are closed.
     dir: RunDir,
 }
@@ -129,6 +131,7 @@ fn add(state: &BlockState, v: Value) {
 impl Scratch {
     /// A fresh monitor (greeting already taken) over a fresh scratch graph.
     pub(crate) fn new() -> Scratch {
+        let threads_before = thread_count();
         let dir = RunDir::new();
         let state = BlockState::new();
         let disk = image(dir.path(), "disk.qcow2", Format::Qcow2);
@@ -176,6 +179,7 @@ impl Scratch {
             session,
             state,
             exports,
+            threads_before,
             dir,
         }
     }
@@ -203,6 +207,7 @@ impl Scratch {
             session,
             state,
             exports,
+            threads_before,
             dir,
         } = self;
         exports.stop_all(&state);
@@ -242,7 +247,23 @@ impl Scratch {
             );
         }
         drop(dir);
+        // A job thread that let go of its job may still be exiting (running its
+        // thread-local destructors); LeakSanitizer, which checks right after the run,
+        // would count what that thread still holds. Wait for the process to be back
+        // to the threads it had before the run.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while thread_count() > threads_before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if crate::trace() {
+            eprintln!("threads before {threads_before}, after {}", thread_count());
+        }
     }
+}
+
+/// Threads of this process (0 where `/proc` cannot say).
+fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, Iterator::count)
 }
 
 /// Parses monitor output into messages, checking that each is one well-formed JSON

@@ -441,11 +441,12 @@ impl BackupJob {
         let task_rx = Mutex::new(task_rx);
         let (res_tx, res_rx) = mpsc::channel::<((u64, u64, u64), Result<(), CopyError>)>();
         std::thread::scope(|s| {
+            let mut workers = Vec::with_capacity(threads);
             for _ in 0..threads {
                 let res_tx = res_tx.clone();
                 let task_rx = &task_rx;
                 let bcs = &self.bcs;
-                s.spawn(move || {
+                workers.push(s.spawn(move || {
                     let mut scratch = Vec::new();
                     loop {
                         let t = task_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
@@ -460,7 +461,7 @@ impl BackupJob {
                             break;
                         }
                     }
-                });
+                }));
             }
             let mut inflight = 0usize;
             let mut fatal: Option<String> = None;
@@ -524,6 +525,13 @@ impl BackupJob {
                         let _ = self.finish_task(ctx, range, r, true);
                     }
                     Err(_) => break,
+                }
+            }
+            // Join the workers (the scope alone only waits for their closures) so
+            // that no thread of this job outlives it.
+            for w in workers {
+                if let Err(p) = w.join() {
+                    std::panic::resume_unwind(p);
                 }
             }
             result
