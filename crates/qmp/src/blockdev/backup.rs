@@ -14,17 +14,10 @@ use strata_jobs::backup::{create_backup, BackupParams, BitmapMode, OnCbwError, P
 use strata_jobs::{Job, JobOptions, OnError};
 
 use super::bitmaps::Undo;
-use super::{opt_bool, opt_str, qmp_err, str_arg, BlockState};
+use super::{on_error_type, opt_bool, opt_str, qmp_err, str_arg, BlockState};
 use crate::dispatch::{Command, Registry, RegistryError};
 use crate::error::QmpError;
 use crate::schema::{ObjectType, Type};
-
-fn on_error_type() -> Type {
-    Type::enumeration(
-        "BlockdevOnError",
-        &["report", "ignore", "enospc", "stop", "auto"],
-    )
-}
 
 fn common(name: &str) -> ObjectType {
     let perf = ObjectType::new("BackupPerf")

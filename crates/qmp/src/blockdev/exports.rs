@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 use strata_block::BlockNode;
 use strata_jobs::EventSink;
 
-use super::{str_arg, BlockState, GuestDevice};
+use super::{on_error_type, str_arg, BlockState, GuestDevice, ON_ERROR};
 use crate::dispatch::{Command, Registry, RegistryError};
 use crate::error::QmpError;
 use crate::events::EventSender;
@@ -48,9 +48,6 @@ pub struct ExportOptions {
     /// `rerror` (likewise).
     pub rerror: Option<String>,
 }
-
-/// QEMU's `BlockdevOnError` values.
-pub const ON_ERROR: &[&str] = &["report", "ignore", "enospc", "stop", "auto"];
 
 fn keyval_bool(v: &Value, key: &str) -> Result<Option<bool>, QmpError> {
     match v {
@@ -349,8 +346,8 @@ fn block_export_options_type() -> ObjectType {
         .member("addr", socket_address_type())
         .optional("logical-block-size", Type::Size)
         .optional("num-queues", Type::Uint16)
-        .optional("werror", Type::enumeration("BlockdevOnError", ON_ERROR))
-        .optional("rerror", Type::enumeration("BlockdevOnError", ON_ERROR));
+        .optional("werror", on_error_type())
+        .optional("rerror", on_error_type());
     let nbd = ObjectType::new("BlockExportOptionsNbd")
         .optional("name", Type::Str)
         .optional("description", Type::Str)

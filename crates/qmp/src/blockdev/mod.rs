@@ -152,6 +152,15 @@ pub fn register_device_cont(
     Ok(())
 }
 
+/// QEMU's `BlockdevOnError` values.
+const ON_ERROR: &[&str] = &["report", "ignore", "enospc", "stop", "auto"];
+
+/// The `BlockdevOnError` enumeration of the schema (jobs' `on-source-error` /
+/// `on-target-error`, the exports' `werror` / `rerror`).
+fn on_error_type() -> Type {
+    Type::enumeration("BlockdevOnError", ON_ERROR)
+}
+
 fn qmp_err(e: BlockError) -> QmpError {
     let class = match e.class {
         BlockClass::GenericError => ErrorClass::GenericError,
