@@ -161,6 +161,18 @@ pub trait PersistentBitmaps {
     fn track_externally(&self);
 }
 
+/// Creating, applying and deleting the internal snapshots of a format that has them
+/// (qcow2). The image must be idle: no other request may run during these calls.
+pub trait InternalSnapshots {
+    /// Takes a snapshot of the current state named `name` (cut to 255 bytes) with the
+    /// given creation time; the snapshot gets the next free numeric id.
+    fn create_snapshot(&self, name: &str, date_sec: u32, date_nsec: u32) -> Result<SnapshotInfo>;
+    /// Reverts the current state (and the virtual size) to the snapshot with id `id`.
+    fn apply_snapshot(&self, id: &str) -> Result<()>;
+    /// Deletes the snapshot with id `id`, freeing what only it used.
+    fn delete_snapshot(&self, id: &str) -> Result<()>;
+}
+
 /// Format-specific information.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum FormatSpecific {
@@ -298,6 +310,10 @@ pub trait FormatDriver: BlockIo {
     /// Deallocates everything in this layer (what `qemu-img commit` does to the top).
     fn make_empty(&self) -> Result<()> {
         Err(Error::unsupported("Image format does not support emptying"))
+    }
+    /// The format's internal snapshot operations, if it has them.
+    fn internal_snapshots(&self) -> Option<&dyn InternalSnapshots> {
+        None
     }
     /// The format's persistent bitmap store, if it has one.
     fn persistent_bitmaps(&self) -> Option<&dyn PersistentBitmaps> {

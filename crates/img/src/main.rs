@@ -76,7 +76,7 @@ enum Cmd {
     Rebase(rebase::Args),
     /// Write an image's changes into its backing file.
     Commit(commit::Args),
-    /// List internal snapshots.
+    /// List, create, apply or delete internal snapshots.
     Snapshot(snapshot::Args),
     /// Run a simple I/O benchmark.
     Bench(bench::Args),

@@ -1,7 +1,10 @@
-//! `strata-img snapshot`: lists internal snapshots (`-l`). Creating, applying and
-//! deleting snapshots are refused with a clear error.
+//! `strata-img snapshot`: lists (`-l`, also the default), creates (`-c`), applies
+//! (`-a`) and deletes (`-d`) internal snapshots, finding them as qemu-img does: `-a`
+//! by id and then by name, `-d` by name.
 
-use strata_image::BackingChoice;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use strata_image::{BackingChoice, FormatDriver, InternalSnapshots, SnapshotInfo};
 
 use crate::error::{CliError, CliResult};
 use crate::image::{open, OpenArgs};
@@ -16,13 +19,13 @@ pub struct Args {
     /// List snapshots.
     #[arg(short = 'l')]
     list: bool,
-    /// Create a snapshot (not supported).
+    /// Create a snapshot with this name.
     #[arg(short = 'c')]
     create: Option<String>,
-    /// Apply a snapshot (not supported).
+    /// Revert the disk to this snapshot (id or name).
     #[arg(short = 'a')]
     apply: Option<String>,
-    /// Delete a snapshot (not supported).
+    /// Delete the snapshot with this name.
     #[arg(short = 'd')]
     delete: Option<String>,
     /// Quiet.
@@ -35,25 +38,93 @@ pub struct Args {
     filename: String,
 }
 
+/// What `snapshot` was asked to do.
+enum Action<'a> {
+    List,
+    Create(&'a str),
+    Apply(&'a str),
+    Delete(&'a str),
+}
+
 /// Runs `snapshot`.
 pub fn run(args: Args) -> CliResult<i32> {
     let _ = (args.force_share, args.quiet);
-    if args.create.is_some() || args.apply.is_some() || args.delete.is_some() {
+    let mut actions = Vec::new();
+    if args.list {
+        actions.push(Action::List);
+    }
+    if let Some(n) = &args.create {
+        actions.push(Action::Create(n));
+    }
+    if let Some(n) = &args.apply {
+        actions.push(Action::Apply(n));
+    }
+    if let Some(n) = &args.delete {
+        actions.push(Action::Delete(n));
+    }
+    if actions.len() > 1 {
         return Err(CliError::msg(
-            "Creating, applying and deleting snapshots is not supported by strata-img yet",
+            "Cannot mix '-l', '-a', '-c', '-d'\nTry 'strata-img --help' for more information",
         ));
     }
     // Listing is also what qemu-img does when no action is given.
-    let _ = args.list;
+    let action = actions.pop().unwrap_or(Action::List);
     let img = open(
         &args.filename,
         &OpenArgs {
             format: args.format.as_deref(),
+            writable: !matches!(action, Action::List),
             backing: BackingChoice::None,
             ..Default::default()
         },
     )?;
-    let snaps = img.snapshots()?;
+    match action {
+        Action::List => list(&img),
+        Action::Create(name) => {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            let secs = u32::try_from(now.as_secs()).unwrap_or(u32::MAX);
+            // Microseconds, as QEMU takes the time.
+            let nsecs = now.subsec_micros() * 1000;
+            snapshots(&img, "create", name)?
+                .create_snapshot(name, secs, nsecs)
+                .map_err(|e| failed("create", name, e))?;
+            finish(&img)
+        }
+        Action::Apply(name) => {
+            let list = img.snapshots()?;
+            let found = list
+                .iter()
+                .find(|s| s.id == name)
+                .or_else(|| list.iter().find(|s| s.name == name));
+            let Some(sn) = found else {
+                return Err(CliError::msg(format!(
+                    "Could not apply snapshot '{name}': Failed to load snapshot: No such file or directory"
+                )));
+            };
+            snapshots(&img, "apply", name)?
+                .apply_snapshot(&sn.id)
+                .map_err(|e| failed("apply", name, e))?;
+            finish(&img)
+        }
+        Action::Delete(name) => {
+            let list = img.snapshots()?;
+            let Some(sn) = list.iter().find(|s| s.name == name) else {
+                return Err(CliError::msg(format!(
+                    "Could not delete snapshot '{name}': snapshot not found"
+                )));
+            };
+            snapshots(&img, "delete", name)?
+                .delete_snapshot(&sn.id)
+                .map_err(|e| failed("delete", name, e))?;
+            finish(&img)
+        }
+    }
+}
+
+fn list(img: &std::sync::Arc<dyn FormatDriver>) -> CliResult<i32> {
+    let snaps: Vec<SnapshotInfo> = img.snapshots()?;
     if snaps.is_empty() {
         return Ok(0);
     }
@@ -62,5 +133,28 @@ pub fn run(args: Args) -> CliResult<i32> {
     for s in &snaps {
         println!("{}", snapshot_row(s));
     }
+    Ok(0)
+}
+
+/// The snapshot operations of `img`, or qemu-img's error for a format without them.
+fn snapshots<'a>(
+    img: &'a std::sync::Arc<dyn FormatDriver>,
+    what: &str,
+    name: &str,
+) -> CliResult<&'a dyn InternalSnapshots> {
+    img.internal_snapshots().ok_or_else(|| {
+        CliError::msg(format!(
+            "Could not {what} snapshot '{name}': Operation not supported"
+        ))
+    })
+}
+
+fn failed(what: &str, name: &str, e: strata_image::Error) -> CliError {
+    CliError::msg(format!("Could not {what} snapshot '{name}': {e}"))
+}
+
+/// Closes the image (metadata flushed); a failure is the command's failure.
+fn finish(img: &std::sync::Arc<dyn FormatDriver>) -> CliResult<i32> {
+    img.close()?;
     Ok(0)
 }

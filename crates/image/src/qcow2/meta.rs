@@ -271,7 +271,7 @@ impl Meta {
 
     // ---------------------------------------------------------------- L2 tables
 
-    fn validate_l2_offset(&self, l1e: u64) -> Result<u64> {
+    pub(super) fn validate_l2_offset(&self, l1e: u64) -> Result<u64> {
         if l1e & L1E_RESERVED != 0 {
             return Err(Error::corrupt(format!(
                 "L1 entry {l1e:#x} has reserved bits set"
@@ -803,6 +803,16 @@ impl Meta {
         if new_size <= self.l1.len() as u64 {
             return Ok(());
         }
+        let mut l1 = self.l1.clone();
+        l1.resize(new_size as usize, 0);
+        self.replace_l1(st, l1)
+    }
+
+    /// Makes `l1` the active L1 table: written to newly allocated clusters, then
+    /// switched to with one header write (size and offset), then the old table freed.
+    /// A crash leaves either the old table or the new one in use, never a mix.
+    pub fn replace_l1(&mut self, st: &dyn Storage, l1: Vec<u64>) -> Result<()> {
+        let new_size = l1.len() as u64;
         if new_size * 8 > super::header::MAX_L1_BYTES {
             return Err(Error::invalid(
                 "Image size too large: L1 table would exceed 32 MiB",
@@ -810,13 +820,16 @@ impl Meta {
         }
         self.flush(st)?;
         let cs = self.geo.cs;
-        let clusters = (new_size * 8).div_ceil(cs);
-        let new_off = self.alloc_clusters(st, clusters)?;
-        self.flush_rc(st)?;
-        let mut l1 = self.l1.clone();
-        l1.resize(new_size as usize, 0);
-        st.write_at(&to_be(&l1), new_off)?;
-        st.flush()?;
+        let new_off = if new_size == 0 {
+            0
+        } else {
+            let clusters = (new_size * 8).div_ceil(cs);
+            let off = self.alloc_clusters(st, clusters)?;
+            self.flush_rc(st)?;
+            st.write_at(&to_be(&l1), off)?;
+            st.flush()?;
+            off
+        };
         let mut hb = Vec::with_capacity(12);
         hb.extend_from_slice(&(new_size as u32).to_be_bytes());
         hb.extend_from_slice(&new_off.to_be_bytes());
@@ -827,6 +840,7 @@ impl Meta {
         self.header.l1_size = new_size as u32;
         self.header.l1_table_offset = new_off;
         self.l1 = l1;
+        self.l1_dirty = false;
         self.tables_changed();
         if old_len > 0 {
             self.free_now(

@@ -4,7 +4,8 @@
 //! the entry layouts; [`refcount`] the refcount entry widths; `meta` the metadata state
 //! (caches, allocation, ordered flush); `io` the data path; `create` image creation,
 //! preallocation and resize; `check` consistency checking and repair; [`snapshot`] the
-//! internal snapshot table; [`compress`] zlib/zstd clusters.
+//! internal snapshot table and `snapshot_ops` creating, applying and deleting
+//! snapshots; [`compress`] zlib/zstd clusters.
 //!
 //! Concurrency: one mutex guards the metadata; data is read and written with
 //! positional I/O after the lock is dropped. Allocating writes to the same guest
@@ -22,6 +23,7 @@ pub mod l2;
 mod meta;
 pub mod refcount;
 pub mod snapshot;
+mod snapshot_ops;
 mod vectored;
 
 use std::path::PathBuf;
@@ -29,8 +31,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::driver::{
-    BlockIo, BlockStatus, CheckReport, FormatDriver, FormatSpecific, ImageInfo, PersistentBitmaps,
-    Preallocation, Qcow2Specific, RepairMode, SnapshotInfo,
+    BlockIo, BlockStatus, CheckReport, FormatDriver, FormatSpecific, ImageInfo, InternalSnapshots,
+    PersistentBitmaps, Preallocation, Qcow2Specific, RepairMode, SnapshotInfo,
 };
 use crate::iobuf::{IoBuf, IoBufMut};
 use crate::storage::Storage;
@@ -40,6 +42,7 @@ pub use create::create;
 pub use header::MAGIC;
 use header::{Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use meta::{Geometry, Meta};
+use snapshot::Snapshot;
 
 /// Options for opening a qcow2 image.
 #[derive(Debug, Clone, Default)]
@@ -374,20 +377,11 @@ impl FormatDriver for Qcow2 {
     }
 
     fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
-        let m = self.lock();
-        Ok(m.snapshots
-            .iter()
-            .map(|s| SnapshotInfo {
-                id: s.id.clone(),
-                name: s.name.clone(),
-                vm_state_size: s.vm_state_size,
-                date_sec: s.date_sec,
-                date_nsec: s.date_nsec,
-                vm_clock_nsec: s.vm_clock_nsec,
-                icount: s.icount,
-                disk_size: s.disk_size,
-            })
-            .collect())
+        Ok(self.lock().snapshots.iter().map(Snapshot::info).collect())
+    }
+
+    fn internal_snapshots(&self) -> Option<&dyn InternalSnapshots> {
+        Some(self)
     }
 
     fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {

@@ -1,13 +1,24 @@
-//! The internal snapshot table: parsed for listing and so that clusters shared with a
-//! snapshot are recognised (their refcount is above one and writes copy them).
+//! The internal snapshot table: parsing (for listing, checking, and so that clusters
+//! shared with a snapshot are recognised: their refcount is above one and writes copy
+//! them) and encoding new entries. Creating, applying and deleting snapshots is in
+//! `snapshot_ops`.
 
+use crate::driver::SnapshotInfo;
 use crate::storage::Storage;
 use crate::{Error, Result};
 
 use super::header::{Header, MAX_L1_BYTES};
 
 /// Largest snapshot table QEMU accepts.
-const MAX_TABLE_BYTES: u64 = 64 << 20;
+pub const MAX_TABLE_BYTES: u64 = 64 << 20;
+/// Longest id and name QEMU keeps (its fixed-size strings hold one byte fewer than
+/// 128 and 256).
+pub const MAX_ID_BYTES: usize = 127;
+/// Longest snapshot name, in bytes.
+pub const MAX_NAME_BYTES: usize = 255;
+/// The extra data QEMU writes in every entry: `vm_state_size_large`, `disk_size`,
+/// `icount`.
+const EXTRA_BYTES: u32 = 24;
 /// Largest per-snapshot extra data QEMU accepts.
 const MAX_EXTRA: u32 = 1024;
 
@@ -36,6 +47,22 @@ pub struct Snapshot {
     pub icount: i64,
 }
 
+impl Snapshot {
+    /// What `snapshot -l` and `info` report about it.
+    pub fn info(&self) -> SnapshotInfo {
+        SnapshotInfo {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            vm_state_size: self.vm_state_size,
+            date_sec: self.date_sec,
+            date_nsec: self.date_nsec,
+            vm_clock_nsec: self.vm_clock_nsec,
+            icount: self.icount,
+            disk_size: self.disk_size,
+        }
+    }
+}
+
 fn be16(b: &[u8], o: usize) -> u16 {
     u16::from_be_bytes([b[o], b[o + 1]])
 }
@@ -50,7 +77,18 @@ fn be64(b: &[u8], o: usize) -> u64 {
 
 /// Reads the snapshot table. Returns the snapshots and the table's length in bytes.
 pub fn read_table(storage: &dyn Storage, h: &Header) -> Result<(Vec<Snapshot>, u64)> {
+    let (snaps, _, len) = read_table_raw(storage, h)?;
+    Ok((snaps, len))
+}
+
+/// [`read_table`], with each entry's bytes as stored (padded to a multiple of 8),
+/// so that a rewritten table keeps what this parser does not interpret.
+pub fn read_table_raw(
+    storage: &dyn Storage,
+    h: &Header,
+) -> Result<(Vec<Snapshot>, Vec<Vec<u8>>, u64)> {
     let mut out = Vec::new();
+    let mut raw = Vec::new();
     let mut off = h.snapshots_offset;
     let file_size = storage.size()?;
     let cs = h.cluster_size();
@@ -83,6 +121,10 @@ pub fn read_table(storage: &dyn Storage, h: &Header) -> Result<(Vec<Snapshot>, u
         }
         let mut var = vec![0u8; var_len as usize];
         storage.read_at(&mut var, off + 40)?;
+        let mut bytes = fixed.to_vec();
+        bytes.extend_from_slice(&var);
+        bytes.resize(entry_len as usize, 0);
+        raw.push(bytes);
         let extra = &var[..extra_len as usize];
         let mut vm_state_size = be32(&fixed, 32) as u64;
         let mut disk_size = h.size;
@@ -123,5 +165,41 @@ pub fn read_table(storage: &dyn Storage, h: &Header) -> Result<(Vec<Snapshot>, u
         });
         off += entry_len;
     }
-    Ok((out, off - h.snapshots_offset))
+    Ok((out, raw, off - h.snapshots_offset))
+}
+
+/// A new table entry as QEMU 10 writes one: the fixed part, 24 bytes of extra data
+/// (VM state size, disk size, instruction count), the id and the name, padded to a
+/// multiple of 8. Ids and names are cut to QEMU's lengths.
+pub fn encode_entry(sn: &Snapshot) -> Vec<u8> {
+    let id = truncate(&sn.id, MAX_ID_BYTES);
+    let name = truncate(&sn.name, MAX_NAME_BYTES);
+    let mut b = Vec::with_capacity(64 + id.len() + name.len());
+    b.extend_from_slice(&sn.l1_table_offset.to_be_bytes());
+    b.extend_from_slice(&sn.l1_size.to_be_bytes());
+    b.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    b.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    b.extend_from_slice(&sn.date_sec.to_be_bytes());
+    b.extend_from_slice(&sn.date_nsec.to_be_bytes());
+    b.extend_from_slice(&sn.vm_clock_nsec.to_be_bytes());
+    // The 32-bit field holds the size when it fits; the extra data always holds it.
+    let small = u32::try_from(sn.vm_state_size).unwrap_or(0);
+    b.extend_from_slice(&small.to_be_bytes());
+    b.extend_from_slice(&EXTRA_BYTES.to_be_bytes());
+    b.extend_from_slice(&sn.vm_state_size.to_be_bytes());
+    b.extend_from_slice(&sn.disk_size.to_be_bytes());
+    b.extend_from_slice(&sn.icount.to_be_bytes());
+    b.extend_from_slice(id.as_bytes());
+    b.extend_from_slice(name.as_bytes());
+    b.resize(b.len().div_ceil(8) * 8, 0);
+    b
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }

@@ -1,0 +1,294 @@
+//! Internal snapshots made, applied and deleted by `strata-img snapshot` and by
+//! `qemu-img snapshot` on the same images, in any mix.
+//!
+//! For each image configuration a seeded sequence of qemu-io writes (patterns,
+//! zeroes, discards, compressed clusters) is interleaved with snapshot create / apply /
+//! delete, each done by a tool chosen at random. The test keeps the expected contents
+//! of the active disk and of every snapshot. After every snapshot operation
+//! `qemu-img check` must find no errors and no leaks, `qemu-img snapshot -l` must list
+//! exactly the expected snapshots, and the active disk must equal its model; at the
+//! end `qemu-img convert -l snapshot.id=ID` must give every snapshot's contents.
+
+use std::path::Path;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use strata_tests::{assert_same_disk, qemu, require_qemu, s, seed, strata_img_bin, tempdir};
+
+/// One configuration: `qemu-img create -o` options, and how big the disk is.
+struct Config {
+    name: &'static str,
+    opts: &'static str,
+    cluster: u64,
+    size: u64,
+    steps: usize,
+}
+
+const CONFIGS: &[Config] = &[
+    Config {
+        name: "default",
+        opts: "",
+        cluster: 65536,
+        size: 8 << 20,
+        steps: 60,
+    },
+    Config {
+        name: "compat 0.10, 4k clusters",
+        opts: "compat=0.10,cluster_size=4096",
+        cluster: 4096,
+        size: 2 << 20,
+        steps: 40,
+    },
+    Config {
+        name: "extended L2, 64-bit refcounts",
+        opts: "extended_l2=on,cluster_size=65536,refcount_bits=64",
+        cluster: 65536,
+        size: 8 << 20,
+        steps: 40,
+    },
+    Config {
+        name: "512-byte clusters, zstd",
+        opts: "cluster_size=512,compression_type=zstd",
+        cluster: 512,
+        size: 1 << 20,
+        steps: 40,
+    },
+    Config {
+        name: "2 MiB clusters, lazy refcounts",
+        opts: "cluster_size=2M,lazy_refcounts=on",
+        cluster: 2 << 20,
+        size: 16 << 20,
+        steps: 20,
+    },
+];
+
+fn strata(args: &[&str]) -> qemu::Out {
+    qemu::run(s(&strata_img_bin()), args)
+}
+
+/// Runs `snapshot <args>` with strata-img or qemu-img; it must succeed.
+fn snapshot(use_strata: bool, args: &[&str]) {
+    let mut all = vec!["snapshot"];
+    all.extend_from_slice(args);
+    if use_strata {
+        strata(&all).ok();
+    } else {
+        qemu::img(&all).ok();
+    }
+}
+
+fn check_clean(image: &Path, what: &str) {
+    let out = qemu::check(image);
+    assert!(
+        out.code == 0,
+        "{what}: qemu-img check found problems (exit {}):\n{}{}",
+        out.code,
+        out.stdout,
+        out.stderr
+    );
+}
+
+/// The snapshots as `qemu-img snapshot -l` lists them: (id, name).
+fn listed(image: &Path) -> Vec<(String, String)> {
+    let out = qemu::img(&["snapshot", "-l", s(image)]).ok();
+    out.stdout
+        .lines()
+        .skip(2)
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some((w.next()?.to_string(), w.next()?.to_string()))
+        })
+        .collect()
+}
+
+/// The disk as QEMU reads it, in the active state or in snapshot `id`.
+fn contents(image: &Path, id: Option<&str>) -> Vec<u8> {
+    let dir = tempdir();
+    let raw = dir.path().join("out.raw");
+    let mut args = vec!["convert", "-f", "qcow2", "-O", "raw"];
+    let sel;
+    if let Some(id) = id {
+        sel = format!("snapshot.id={id}");
+        args.extend(["-l", &sel]);
+    }
+    args.extend([s(image), s(&raw)]);
+    qemu::img(&args).ok();
+    std::fs::read(&raw).expect("read converted image")
+}
+
+fn run(cfg: &Config, seed: u64) {
+    let dir = tempdir();
+    let image = dir.path().join("disk.qcow2");
+    qemu::create(&image, "qcow2", cfg.opts, &cfg.size.to_string());
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut model = vec![0u8; cfg.size as usize];
+    // (id, name, contents)
+    let mut snaps: Vec<(String, String, Vec<u8>)> = Vec::new();
+    let cs = cfg.cluster;
+    let what = |step: usize, op: &str| format!("{} (seed {seed}) step {step}: {op}", cfg.name);
+    for step in 0..cfg.steps {
+        let by_strata = rng.gen_bool(0.5);
+        let tool = if by_strata { "strata-img" } else { "qemu-img" };
+        match rng.gen_range(0..10) {
+            0..=3 => {
+                let len = rng.gen_range(1..=4 * cs.min(65536));
+                let off = rng.gen_range(0..cfg.size - len);
+                let byte = (step % 250 + 1) as u8;
+                qemu::io("qcow2", &image, &[&format!("write -P {byte} {off} {len}")]);
+                model[off as usize..(off + len) as usize].fill(byte);
+            }
+            4 => {
+                let c = rng.gen_range(0..cfg.size / cs - 2);
+                let n = rng.gen_range(1..=2);
+                qemu::io(
+                    "qcow2",
+                    &image,
+                    &[&format!("write -z -u {} {}", c * cs, n * cs)],
+                );
+                model[(c * cs) as usize..((c + n) * cs) as usize].fill(0);
+            }
+            5 => {
+                let c = rng.gen_range(0..cfg.size / cs);
+                let byte = (step % 250 + 1) as u8;
+                qemu::io(
+                    "qcow2",
+                    &image,
+                    // QEMU compresses only into clusters with nothing allocated.
+                    &[
+                        &format!("discard {} {cs}", c * cs),
+                        &format!("write -c -P {byte} {} {cs}", c * cs),
+                    ],
+                );
+                model[(c * cs) as usize..((c + 1) * cs) as usize].fill(byte);
+            }
+            6..=7 => {
+                let name = format!("snap-{step}");
+                snapshot(by_strata, &["-c", &name, s(&image)]);
+                let id = listed(&image)
+                    .into_iter()
+                    .find(|(_, n)| *n == name)
+                    .map(|(id, _)| id)
+                    .unwrap_or_else(|| panic!("{}: not listed", what(step, "create")));
+                snaps.push((id, name, model.clone()));
+                check_clean(&image, &what(step, &format!("{tool} snapshot -c")));
+            }
+            8 if !snaps.is_empty() => {
+                let (id, _, c) = snaps[rng.gen_range(0..snaps.len())].clone();
+                snapshot(by_strata, &["-a", &id, s(&image)]);
+                model = c;
+                check_clean(&image, &what(step, &format!("{tool} snapshot -a {id}")));
+            }
+            9 if !snaps.is_empty() => {
+                let (_, name, _) = snaps.remove(rng.gen_range(0..snaps.len()));
+                snapshot(by_strata, &["-d", &name, s(&image)]);
+                check_clean(&image, &what(step, &format!("{tool} snapshot -d {name}")));
+            }
+            _ => continue,
+        }
+        let want: Vec<(String, String)> = snaps
+            .iter()
+            .map(|(id, name, _)| (id.clone(), name.clone()))
+            .collect();
+        assert_eq!(listed(&image), want, "{}", what(step, "snapshot list"));
+        assert_same_disk(&what(step, "active disk"), &contents(&image, None), &model);
+    }
+    for (id, name, c) in &snaps {
+        assert_same_disk(
+            &format!("{}: snapshot {id} ({name})", cfg.name),
+            &contents(&image, Some(id)),
+            c,
+        );
+    }
+}
+
+#[test]
+fn snapshots_made_applied_and_deleted_by_either_tool() {
+    require_qemu!();
+    let base = seed("qcow2_snapshots");
+    for (i, cfg) in CONFIGS.iter().enumerate() {
+        run(cfg, base + i as u64);
+    }
+}
+
+/// A snapshot of a smaller disk, applied after the disk grew, brings the old size back;
+/// applying the later snapshot grows it again.
+#[test]
+fn apply_restores_the_snapshots_disk_size() {
+    require_qemu!();
+    let dir = tempdir();
+    let image = dir.path().join("disk.qcow2");
+    qemu::create(&image, "qcow2", "", "1M");
+    qemu::io("qcow2", &image, &["write -P 7 0 64k"]);
+    strata(&["snapshot", "-c", "small", s(&image)]).ok();
+    qemu::img(&["resize", "-q", s(&image), "3M"]).ok();
+    qemu::io("qcow2", &image, &["write -P 8 2M 64k"]);
+    strata(&["snapshot", "-c", "big", s(&image)]).ok();
+    strata(&["snapshot", "-a", "small", s(&image)]).ok();
+    let info = qemu::img(&["info", "--output=json", s(&image)]).ok();
+    assert!(
+        info.stdout.contains("\"virtual-size\": 1048576"),
+        "{}",
+        info.stdout
+    );
+    check_clean(&image, "after applying the small snapshot");
+    strata(&["snapshot", "-a", "big", s(&image)]).ok();
+    qemu::io("qcow2", &image, &["read -P 7 0 64k", "read -P 8 2M 64k"]);
+    check_clean(&image, "after applying the big snapshot");
+}
+
+/// Errors: each a one-line message with qemu-img's wording, exit code 1, and the image
+/// unchanged (byte for byte).
+#[test]
+fn snapshot_errors_change_nothing() {
+    require_qemu!();
+    let dir = tempdir();
+    let image = dir.path().join("disk.qcow2");
+    // Refcounts of one bit cannot count a second reference.
+    qemu::create(&image, "qcow2", "refcount_bits=1", "1M");
+    qemu::io("qcow2", &image, &["write -P 1 0 64k"]);
+    let before = std::fs::read(&image).unwrap();
+    for (args, want) in [
+        (
+            vec!["-c", "x"],
+            "Could not create snapshot 'x': Invalid argument",
+        ),
+        (
+            vec!["-a", "nope"],
+            "Could not apply snapshot 'nope': Failed to load snapshot: No such file or directory",
+        ),
+        (
+            vec!["-d", "nope"],
+            "Could not delete snapshot 'nope': snapshot not found",
+        ),
+        (
+            vec!["-c", "x", "-d", "y"],
+            "Cannot mix '-l', '-a', '-c', '-d'",
+        ),
+    ] {
+        let mut all = vec!["snapshot"];
+        all.extend(args.iter().copied());
+        all.push(s(&image));
+        let out = strata(&all).expect_code(&[1]);
+        assert!(
+            out.stderr.starts_with(&format!("strata-img: {want}")),
+            "`{}`: {}",
+            out.cmdline,
+            out.stderr
+        );
+        assert!(
+            std::fs::read(&image).unwrap() == before,
+            "`{}` changed the image",
+            out.cmdline
+        );
+    }
+    check_clean(&image, "after the refused operations");
+    // A raw image has no internal snapshots.
+    let raw = dir.path().join("disk.raw");
+    qemu::create(&raw, "raw", "", "1M");
+    let out = strata(&["snapshot", "-f", "raw", "-c", "x", s(&raw)]).expect_code(&[1]);
+    assert!(
+        out.stderr.contains("Could not create snapshot 'x'"),
+        "{}",
+        out.stderr
+    );
+}
