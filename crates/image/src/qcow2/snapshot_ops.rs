@@ -2,25 +2,27 @@
 //!
 //! A snapshot is a copy of the active L1 table plus one more reference to every L2
 //! table and data cluster it reaches; shared clusters lose their COPIED flag, so the
-//! next guest write to one copies it. The steps and their order follow QEMU's:
+//! next guest write to one copies it. The steps:
 //!
-//! - create: take the references (refcounts first, then the L2 tables with their
-//!   COPIED flags cleared), write the L1 copy, then publish the new snapshot table
-//!   with one header write;
-//! - apply: take references to the snapshot's tree, write a copy of its L1 table and
-//!   switch the header to it (one write), then drop the old tree's references and
-//!   set the COPIED flags of the new active tree;
+//! - create: clear the COPIED flags of the active tree (on disk), take the
+//!   references, write the L1 copy, then publish the new snapshot table with one
+//!   header write;
+//! - apply: take references to the snapshot's tree (and clear the COPIED flags it
+//!   now shares), write a copy of its L1 table and switch the header to it (one
+//!   write), then drop the old tree's references and set the COPIED flags of the new
+//!   active tree;
 //! - delete: publish the table without the entry first, then drop the snapshot's
 //!   references and free its L1 table.
 //!
-//! Refcounts always reach the disk before the L2 tables and L1 table that depend on
-//! them. A crash between the steps can leave references counted too high (leaks)
-//! and, while references are being dropped, a cluster whose refcount fell to one but
-//! whose COPIED flag is still clear; `qemu-img check` counts that as an error, but
-//! it is harmless (the next write copies the cluster once) and `check -r all`
-//! repairs it. QEMU has the same windows. What never reaches the disk: a cluster
-//! referenced more often than its refcount says, a COPIED flag on a cluster that a
-//! snapshot shares, or an L1 table half switched.
+//! Refcounts always reach the disk before the L2 tables and the L1 table that
+//! depend on them. So a crash at any moment leaves at worst references counted too
+//! high (leaks) and COPIED flags that are clear although the refcount is one, which
+//! `qemu-img check` reports as errors but which are harmless (the next write copies
+//! the cluster once; `check -r all` sets them). Never on disk: a cluster referenced
+//! more often than its refcount says, a COPIED flag on a cluster whose refcount is
+//! above one, or a half-switched L1 table. (QEMU's own order can leave the second
+//! of these after a crash.) `tests/qcow2_snapshots.rs` kills `strata-img snapshot`
+//! at random moments and checks exactly this.
 //!
 //! The operations need a quiescent image: no guest I/O may run at the same time
 //! (qemu-img and strata-img hold the image alone).
@@ -60,6 +62,16 @@ fn compressed_clusters(offset: u64, len: u64, file_size: u64, cs: u64) -> std::o
         return 0..0;
     }
     start / cs..(end - 1) / cs + 1
+}
+
+/// What [`Meta::update_tree`] does with COPIED flags.
+#[derive(Clone, Copy)]
+enum Flags {
+    /// Set exactly where the refcount is one.
+    FromRefcounts,
+    /// Clear them all (before references are added, so that no flag on disk ever
+    /// claims a cluster is unshared once its refcount has risen).
+    Clear,
 }
 
 impl Meta {
@@ -115,10 +127,16 @@ impl Meta {
 
     /// Adds `addend` (-1, 0 or +1) to the refcount of every L2 table and data cluster
     /// reachable from `l1`, then sets the COPIED flag of each data entry (in the L2
-    /// tables, through the cache) and of each entry of `l1` to "refcount is one".
+    /// tables, through the cache) and of each entry of `l1` as `flags` says.
     /// Clusters whose refcount reaches zero are freed (and discarded); an L2 table
     /// that is freed leaves the cache unwritten.
-    fn update_tree(&mut self, st: &dyn Storage, l1: &mut [u64], addend: i64) -> Result<()> {
+    fn update_tree(
+        &mut self,
+        st: &dyn Storage,
+        l1: &mut [u64],
+        addend: i64,
+        flags: Flags,
+    ) -> Result<()> {
         let g = self.geo;
         let cs = g.cs;
         let file_size = st.size()?;
@@ -149,10 +167,9 @@ impl Meta {
                 if addend != 0 {
                     self.add_reference(st, host / cs, addend)?;
                 }
-                let copied = if self.refcount(st, host / cs)? == 1 {
-                    OFLAG_COPIED
-                } else {
-                    0
+                let copied = match flags {
+                    Flags::FromRefcounts if self.refcount(st, host / cs)? == 1 => OFLAG_COPIED,
+                    _ => 0,
                 };
                 let new = (entry & !OFLAG_COPIED) | copied;
                 if new != entry {
@@ -172,7 +189,11 @@ impl Meta {
                     *t = table;
                 }
             }
-            *l1e = (*l1e & !OFLAG_COPIED) | if rc == 1 { OFLAG_COPIED } else { 0 };
+            let copied = match flags {
+                Flags::FromRefcounts if rc == 1 => OFLAG_COPIED,
+                _ => 0,
+            };
+            *l1e = (*l1e & !OFLAG_COPIED) | copied;
         }
         Ok(())
     }
@@ -312,8 +333,16 @@ impl InternalSnapshots for Qcow2 {
         } else {
             m.alloc_clusters(st, l1_bytes.div_ceil(cs))?
         };
+        // First the COPIED flags go (L2 tables, then the L1 table, on disk), then
+        // the references are added.
         let mut l1 = active;
-        m.update_tree(st, &mut l1, 1)?;
+        m.update_tree(st, &mut l1, 0, Flags::Clear)?;
+        if l1 != m.l1 {
+            m.l1 = l1.clone();
+            m.l1_dirty = true;
+        }
+        m.flush(st)?;
+        m.update_tree(st, &mut l1, 1, Flags::FromRefcounts)?;
         if l1 != m.l1 {
             m.l1 = l1;
             m.l1_dirty = true;
@@ -323,7 +352,6 @@ impl InternalSnapshots for Qcow2 {
             m.check_overlap(l1_off, l1_bytes, "snapshot L1 table")?;
             st.write_at(&to_be(&copy), l1_off)?;
         }
-        // Refcounts, then the L2 tables and the active L1 without COPIED flags.
         m.flush(st)?;
         let next_id = m
             .snapshots
@@ -369,11 +397,11 @@ impl InternalSnapshots for Qcow2 {
         m.flush(st)?;
         let mut new_l1 = m.snapshot_l1(st, &sn)?;
         m.check_headroom(st, &new_l1)?;
-        m.update_tree(st, &mut new_l1, 1)?;
+        m.update_tree(st, &mut new_l1, 1, Flags::FromRefcounts)?;
         // The active tree's COPIED flags follow the new references too, so that no
         // cluster shared with the snapshot is marked writable in place on disk.
         let mut active = m.l1.clone();
-        m.update_tree(st, &mut active, 0)?;
+        m.update_tree(st, &mut active, 0, Flags::FromRefcounts)?;
         if active != m.l1 {
             m.l1 = active;
             m.l1_dirty = true;
@@ -390,10 +418,10 @@ impl InternalSnapshots for Qcow2 {
             self.size.store(sn.disk_size, Ordering::Release);
         }
         let mut old = old_l1;
-        m.update_tree(st, &mut old, -1)?;
+        m.update_tree(st, &mut old, -1, Flags::FromRefcounts)?;
         m.flush(st)?;
         let mut l1 = m.l1.clone();
-        m.update_tree(st, &mut l1, 0)?;
+        m.update_tree(st, &mut l1, 0, Flags::FromRefcounts)?;
         if l1 != m.l1 {
             m.l1 = l1;
             m.l1_dirty = true;
@@ -416,7 +444,7 @@ impl InternalSnapshots for Qcow2 {
         entries.remove(i);
         m.publish_table(st, &entries)?;
         // From here on a failure only leaks clusters.
-        m.update_tree(st, &mut l1, -1)?;
+        m.update_tree(st, &mut l1, -1, Flags::FromRefcounts)?;
         if sn.l1_size > 0 {
             m.free_now(
                 st,
@@ -428,7 +456,7 @@ impl InternalSnapshots for Qcow2 {
             )?;
         }
         let mut active = m.l1.clone();
-        m.update_tree(st, &mut active, 0)?;
+        m.update_tree(st, &mut active, 0, Flags::FromRefcounts)?;
         if active != m.l1 {
             m.l1 = active;
             m.l1_dirty = true;
