@@ -15,8 +15,13 @@
 //!   long enough to provide data there (as QEMU does);
 //! - shrinking may be refused while data is allocated past the new end.
 //!
+//! - internal snapshots (qcow2) keep the contents and size of the moment they were
+//!   taken; applying one makes them the disk's again; a create or apply refused for
+//!   lack of refcount headroom (narrow refcounts) changes nothing.
+//!
 //! Every read, the final full read, and every block-status answer are compared with
-//! the model; after a final flush, `check` must report no corruption and no leak.
+//! the model; after every snapshot operation and after a final flush, `check` must
+//! report no corruption and no leak; at the end every snapshot is applied and read.
 
 use std::sync::Arc;
 
@@ -91,6 +96,10 @@ enum Op {
     Flush,
     Resize(u16),
     Reopen,
+    /// Internal snapshots (qcow2; raw skips them).
+    SnapshotCreate,
+    SnapshotApply(u8),
+    SnapshotDelete(u8),
 }
 
 impl Range {
@@ -291,6 +300,8 @@ pub fn qcow2_model(data: &[u8]) {
     };
     model.data.resize(size as usize, 0);
 
+    // (id, contents) of the snapshots taken.
+    let mut snaps: Vec<(String, Vec<u8>)> = Vec::new();
     let mut ops = 0;
     while ops < MAX_OPS && !u.is_empty() {
         let Ok(op) = Op::arbitrary(&mut u) else { break };
@@ -366,6 +377,37 @@ pub fn qcow2_model(data: &[u8]) {
                 drop(img);
                 img = open();
             }
+            Op::SnapshotCreate => {
+                let ops = img.internal_snapshots().expect("qcow2 has snapshots");
+                match ops.create_snapshot(&format!("s{}", snaps.len()), 0, 0) {
+                    Ok(sn) => snaps.push((sn.id, model.data.clone())),
+                    Err(e) => assert!(
+                        e.to_string().contains("cannot take another reference"),
+                        "snapshot create failed: {e}"
+                    ),
+                }
+                check_clean(img.as_ref(), "snapshot create");
+            }
+            Op::SnapshotApply(i) if !snaps.is_empty() => {
+                let (id, data) = &snaps[usize::from(i) % snaps.len()];
+                let ops = img.internal_snapshots().expect("qcow2 has snapshots");
+                match ops.apply_snapshot(id) {
+                    Ok(()) => model.data = data.clone(),
+                    Err(e) => assert!(
+                        e.to_string().contains("cannot take another reference"),
+                        "snapshot apply failed: {e}"
+                    ),
+                }
+                check_clean(img.as_ref(), "snapshot apply");
+            }
+            Op::SnapshotDelete(i) if !snaps.is_empty() => {
+                let (id, _) = snaps.remove(usize::from(i) % snaps.len());
+                let ops = img.internal_snapshots().expect("qcow2 has snapshots");
+                ops.delete_snapshot(&id)
+                    .unwrap_or_else(|e| panic!("snapshot delete failed: {e}"));
+                check_clean(img.as_ref(), "snapshot delete");
+            }
+            Op::SnapshotApply(_) | Op::SnapshotDelete(_) => {}
         }
         assert_eq!(
             img.size(),
@@ -374,6 +416,14 @@ pub fn qcow2_model(data: &[u8]) {
         );
     }
 
+    // Every snapshot still holds what the disk held when it was taken.
+    for (id, data) in &snaps {
+        let ops = img.internal_snapshots().expect("qcow2 has snapshots");
+        if ops.apply_snapshot(id).is_ok() {
+            model.data = data.clone();
+            read_checked(img.as_ref(), &model, 0, model.size(), "read of a snapshot");
+        }
+    }
     read_checked(img.as_ref(), &model, 0, model.size(), "final read");
     img.flush().expect("final flush failed");
     let report = img.check(None).expect("final check failed");
@@ -483,6 +533,9 @@ pub fn raw_model(data: &[u8]) {
                 drop(img);
                 img = open();
             }
+            Op::SnapshotCreate | Op::SnapshotApply(_) | Op::SnapshotDelete(_) => {
+                assert!(img.internal_snapshots().is_none(), "raw has no snapshots");
+            }
         }
         assert_eq!(
             img.size(),
@@ -491,4 +544,13 @@ pub fn raw_model(data: &[u8]) {
         );
     }
     read_checked(img.as_ref(), &model, 0, model.size(), "final read");
+}
+
+/// The check finds no corruption and no leak (after a snapshot operation).
+fn check_clean(img: &dyn FormatDriver, after: &str) {
+    let report = img.check(None).expect("check failed");
+    assert!(
+        report.corruptions == 0 && report.leaks == 0 && report.check_errors == 0,
+        "check after {after} found problems: {report:?}"
+    );
 }

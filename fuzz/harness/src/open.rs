@@ -164,8 +164,20 @@ fn run_script(img: &dyn FormatDriver, script: &[u8], read_only: bool) {
             }
             9 => {
                 let _ = img.info();
-                let _ = img.snapshots();
-                false
+                let snaps = img.snapshots().unwrap_or_default();
+                let pick = |i: u8| snaps.get(usize::from(i) % snaps.len().max(1));
+                match (s.u8() % 8, img.internal_snapshots()) {
+                    (0, Some(ops)) => ops.create_snapshot("fuzz", 0, 0).is_ok(),
+                    (1, Some(ops)) => match pick(s.u8()) {
+                        Some(sn) => ops.apply_snapshot(&sn.id).is_ok(),
+                        None => false,
+                    },
+                    (2, Some(ops)) => match pick(s.u8()) {
+                        Some(sn) => ops.delete_snapshot(&sn.id).is_ok(),
+                        None => false,
+                    },
+                    _ => false,
+                }
             }
             _ => {
                 let (off, len) = request(&mut s, size, cluster);
