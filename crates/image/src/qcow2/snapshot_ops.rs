@@ -198,6 +198,18 @@ impl Meta {
         Ok(())
     }
 
+    /// [`Meta::update_tree`] on the active tree; a changed L1 table is written at
+    /// the next flush.
+    fn update_active(&mut self, st: &dyn Storage, addend: i64, flags: Flags) -> Result<()> {
+        let mut l1 = self.l1.clone();
+        self.update_tree(st, &mut l1, addend, flags)?;
+        if l1 != self.l1 {
+            self.l1 = l1;
+            self.l1_dirty = true;
+        }
+        Ok(())
+    }
+
     /// Adds one reference to host cluster `c` (`addend` 1) or drops one (-1, freeing
     /// and discarding the cluster when none is left).
     fn add_reference(&mut self, st: &dyn Storage, c: u64, addend: i64) -> Result<()> {
@@ -335,18 +347,9 @@ impl InternalSnapshots for Qcow2 {
         };
         // First the COPIED flags go (L2 tables, then the L1 table, on disk), then
         // the references are added.
-        let mut l1 = active;
-        m.update_tree(st, &mut l1, 0, Flags::Clear)?;
-        if l1 != m.l1 {
-            m.l1 = l1.clone();
-            m.l1_dirty = true;
-        }
+        m.update_active(st, 0, Flags::Clear)?;
         m.flush(st)?;
-        m.update_tree(st, &mut l1, 1, Flags::FromRefcounts)?;
-        if l1 != m.l1 {
-            m.l1 = l1;
-            m.l1_dirty = true;
-        }
+        m.update_active(st, 1, Flags::FromRefcounts)?;
         if l1_bytes > 0 {
             let copy: Vec<u64> = m.l1.iter().map(|e| e & !OFLAG_COPIED).collect();
             m.check_overlap(l1_off, l1_bytes, "snapshot L1 table")?;
@@ -400,12 +403,7 @@ impl InternalSnapshots for Qcow2 {
         m.update_tree(st, &mut new_l1, 1, Flags::FromRefcounts)?;
         // The active tree's COPIED flags follow the new references too, so that no
         // cluster shared with the snapshot is marked writable in place on disk.
-        let mut active = m.l1.clone();
-        m.update_tree(st, &mut active, 0, Flags::FromRefcounts)?;
-        if active != m.l1 {
-            m.l1 = active;
-            m.l1_dirty = true;
-        }
+        m.update_active(st, 0, Flags::FromRefcounts)?;
         m.flush(st)?;
         // The switch: the snapshot's table becomes the active one in one header write.
         let old_l1 = m.l1.clone();
@@ -420,12 +418,7 @@ impl InternalSnapshots for Qcow2 {
         let mut old = old_l1;
         m.update_tree(st, &mut old, -1, Flags::FromRefcounts)?;
         m.flush(st)?;
-        let mut l1 = m.l1.clone();
-        m.update_tree(st, &mut l1, 0, Flags::FromRefcounts)?;
-        if l1 != m.l1 {
-            m.l1 = l1;
-            m.l1_dirty = true;
-        }
+        m.update_active(st, 0, Flags::FromRefcounts)?;
         m.flush(st)?;
         drop(m);
         self.forget_decompressed();
@@ -455,12 +448,7 @@ impl InternalSnapshots for Qcow2 {
                 },
             )?;
         }
-        let mut active = m.l1.clone();
-        m.update_tree(st, &mut active, 0, Flags::FromRefcounts)?;
-        if active != m.l1 {
-            m.l1 = active;
-            m.l1_dirty = true;
-        }
+        m.update_active(st, 0, Flags::FromRefcounts)?;
         m.flush(st)?;
         drop(m);
         self.forget_decompressed();
