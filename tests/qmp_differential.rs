@@ -7,7 +7,8 @@
 //! progress numbers).
 //!
 //! - `blockdev.py`: blockdev-add/del, query-named-block-nodes, block_resize, the
-//!   dirty-bitmap commands, their sha256 after the same writes, transaction.
+//!   dirty-bitmap commands, their sha256 after the same writes, transaction, internal
+//!   snapshots.
 //! - `backup.py`: drive-backup/blockdev-backup sync modes, job verbs and events,
 //!   validation texts, point-in-time content checked with `qemu-img compare`.
 //! - `bitmap_matrix.py`: iotest 257's matrix: every sync=bitmap bitmap-mode (and

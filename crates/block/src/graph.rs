@@ -433,7 +433,7 @@ impl BlockGraph {
     }
 
     /// Nodes that use `node` as a child.
-    fn parents_of(&self, node: &Arc<BlockNode>) -> Vec<Arc<BlockNode>> {
+    pub(crate) fn parents_of(&self, node: &Arc<BlockNode>) -> Vec<Arc<BlockNode>> {
         self.nodes()
             .into_iter()
             .filter(|n| {

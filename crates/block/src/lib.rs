@@ -3,7 +3,8 @@
 //! It owns the nodes a QMP client builds with `blockdev-add` ([`graph::BlockGraph`]),
 //! their options ([`options`]), the per-node request tracking that copy-before-write
 //! and drains rely on ([`tracker`]), dirty bitmaps with QEMU's semantics and their
-//! persistence in qcow2 ([`bitmap`], [`node`]), and the `null-co` test driver.
+//! persistence in qcow2 ([`bitmap`], [`node`]), internal snapshots of root nodes
+//! (`snapshots`), and the `null-co` test driver.
 //! Formats themselves live in `strata-image`.
 
 pub mod bitmap;
@@ -14,6 +15,7 @@ pub mod node;
 mod null;
 pub mod options;
 pub mod qemu_io;
+mod snapshots;
 pub mod tracker;
 
 pub use bitmap::DirtyBitmap;

@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 
 use serde_json::{json, Value};
 use strata_image::iobuf::{self, IoBuf, IoBufMut};
-use strata_image::{FormatDriver, FormatSpecific, ImageInfo, StoredBitmap};
+use strata_image::{FormatDriver, FormatSpecific, ImageInfo, SnapshotInfo, StoredBitmap};
 
 use crate::bitmap::DirtyBitmap;
 use crate::error::{BlockError, BlockResult};
@@ -491,14 +491,16 @@ impl BlockNode {
     pub fn image_info(&self, deep: bool) -> Value {
         let info = self.io.info().ok();
         let actual = self.io.storage().allocated_size().ok();
-        image_info_json(
+        let mut v = image_info_json(
             info.as_ref(),
             &self.driver,
             &self.filename,
             self.size(),
             actual,
             deep.then(|| self.io.backing()).flatten(),
-        )
+        );
+        add_snapshots(&mut v, self.io.as_ref());
+        v
     }
 
     /// `BlockDeviceInfo` as QEMU 10 prints it in `query-named-block-nodes`.
@@ -537,6 +539,32 @@ impl BlockNode {
         }
         v["active"] = json!(true);
         v
+    }
+}
+
+/// QEMU's `SnapshotInfo` JSON (`icount` only when recorded).
+pub fn snapshot_info_json(s: &SnapshotInfo) -> Value {
+    let mut v = json!({
+        "id": s.id,
+        "name": s.name,
+        "vm-state-size": s.vm_state_size,
+        "date-sec": s.date_sec,
+        "date-nsec": s.date_nsec,
+        "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
+        "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
+    });
+    if s.icount != -1 {
+        v["icount"] = json!(s.icount);
+    }
+    v
+}
+
+/// Adds `snapshots` to an `ImageInfo` when the image has any, as QEMU does.
+fn add_snapshots(v: &mut Value, io: &dyn FormatDriver) {
+    if let Ok(snaps) = io.snapshots() {
+        if !snaps.is_empty() {
+            v["snapshots"] = Value::Array(snaps.iter().map(snapshot_info_json).collect());
+        }
     }
 }
 
@@ -596,7 +624,7 @@ pub fn image_info_json(
     if let Some(b) = backing {
         if let Ok(bi) = b.info() {
             let fname = b.storage().name();
-            v["backing-image"] = image_info_json(
+            let mut bv = image_info_json(
                 Some(&bi),
                 b.format_name(),
                 &fname,
@@ -604,6 +632,8 @@ pub fn image_info_json(
                 b.storage().allocated_size().ok(),
                 b.backing(),
             );
+            add_snapshots(&mut bv, b.as_ref());
+            v["backing-image"] = bv;
         }
     }
     // null-co has no bdrv_get_info in QEMU, so no dirty-flag either.

@@ -161,12 +161,44 @@ pub trait PersistentBitmaps {
     fn track_externally(&self);
 }
 
+/// What a new internal snapshot records besides the disk state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NewSnapshot {
+    /// Its name (cut to 255 bytes).
+    pub name: String,
+    /// Creation time, seconds since the epoch.
+    pub date_sec: u32,
+    /// Creation time, nanoseconds part.
+    pub date_nsec: u32,
+    /// Guest clock, nanoseconds (0 without a VM).
+    pub vm_clock_nsec: u64,
+    /// Instruction count: -1 when not recorded (QMP), 0 as `qemu-img` writes it.
+    pub icount: i64,
+}
+
+impl NewSnapshot {
+    /// A snapshot named `name` taken now, as `qemu-img snapshot -c` records one
+    /// (`icount` 0); QMP sets `icount` to -1.
+    pub fn now(name: &str) -> NewSnapshot {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        NewSnapshot {
+            name: name.to_string(),
+            date_sec: u32::try_from(now.as_secs()).unwrap_or(u32::MAX),
+            // Microseconds, as QEMU takes the time.
+            date_nsec: now.subsec_micros() * 1000,
+            vm_clock_nsec: 0,
+            icount: 0,
+        }
+    }
+}
+
 /// Creating, applying and deleting the internal snapshots of a format that has them
 /// (qcow2). The image must be idle: no other request may run during these calls.
 pub trait InternalSnapshots {
-    /// Takes a snapshot of the current state named `name` (cut to 255 bytes) with the
-    /// given creation time; the snapshot gets the next free numeric id.
-    fn create_snapshot(&self, name: &str, date_sec: u32, date_nsec: u32) -> Result<SnapshotInfo>;
+    /// Takes a snapshot of the current state; it gets the next free numeric id.
+    fn create_snapshot(&self, new: &NewSnapshot) -> Result<SnapshotInfo>;
     /// Reverts the current state (and the virtual size) to the snapshot with id `id`.
     fn apply_snapshot(&self, id: &str) -> Result<()>;
     /// Deletes the snapshot with id `id`, freeing what only it used.

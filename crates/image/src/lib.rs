@@ -18,8 +18,8 @@ use std::sync::Arc;
 
 pub use driver::{
     BitmapInfo, BlockIo, BlockStatus, CheckReport, FormatDriver, FormatSpecific, ImageInfo,
-    InternalSnapshots, PersistentBitmaps, Preallocation, Qcow2Specific, RepairMode, SnapshotInfo,
-    StoredBitmap,
+    InternalSnapshots, NewSnapshot, PersistentBitmaps, Preallocation, Qcow2Specific, RepairMode,
+    SnapshotInfo, StoredBitmap,
 };
 pub use error::{Error, Result};
 pub use iobuf::{IoBuf, IoBufMut};

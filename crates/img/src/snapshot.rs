@@ -2,9 +2,7 @@
 //! (`-a`) and deletes (`-d`) internal snapshots, finding them as qemu-img does: `-a`
 //! by id and then by name, `-d` by name.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use strata_image::{BackingChoice, FormatDriver, InternalSnapshots, SnapshotInfo};
+use strata_image::{BackingChoice, FormatDriver, InternalSnapshots, NewSnapshot, SnapshotInfo};
 
 use crate::error::{CliError, CliResult};
 use crate::image::{open, OpenArgs};
@@ -81,14 +79,8 @@ pub fn run(args: Args) -> CliResult<i32> {
     match action {
         Action::List => list(&img),
         Action::Create(name) => {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default();
-            let secs = u32::try_from(now.as_secs()).unwrap_or(u32::MAX);
-            // Microseconds, as QEMU takes the time.
-            let nsecs = now.subsec_micros() * 1000;
             snapshots(&img, "create", name)?
-                .create_snapshot(name, secs, nsecs)
+                .create_snapshot(&NewSnapshot::now(name))
                 .map_err(|e| failed("create", name, e))?;
             finish(&img)
         }

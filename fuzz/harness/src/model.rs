@@ -27,7 +27,8 @@ use std::sync::Arc;
 
 use arbitrary::{Arbitrary, Unstructured};
 use strata_image::{
-    create_on, open_on, CreateOptions, Format, FormatDriver, MemStorage, Preallocation, Storage,
+    create_on, open_on, CreateOptions, Format, FormatDriver, MemStorage, NewSnapshot,
+    Preallocation, Storage,
 };
 
 use crate::pattern;
@@ -379,7 +380,7 @@ pub fn qcow2_model(data: &[u8]) {
             }
             Op::SnapshotCreate => {
                 let ops = img.internal_snapshots().expect("qcow2 has snapshots");
-                match ops.create_snapshot(&format!("s{}", snaps.len()), 0, 0) {
+                match ops.create_snapshot(&NewSnapshot::default()) {
                     Ok(sn) => snaps.push((sn.id, model.data.clone())),
                     Err(e) => assert!(
                         e.to_string().contains("cannot take another reference"),

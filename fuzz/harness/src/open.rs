@@ -13,7 +13,9 @@
 
 use std::sync::{Arc, OnceLock};
 
-use strata_image::{open_on, Format, FormatDriver, MemStorage, Preallocation, RepairMode, Storage};
+use strata_image::{
+    open_on, Format, FormatDriver, MemStorage, NewSnapshot, Preallocation, RepairMode, Storage,
+};
 
 use crate::pattern;
 use crate::STORAGE_LIMIT;
@@ -167,7 +169,7 @@ fn run_script(img: &dyn FormatDriver, script: &[u8], read_only: bool) {
                 let snaps = img.snapshots().unwrap_or_default();
                 let pick = |i: u8| snaps.get(usize::from(i) % snaps.len().max(1));
                 match (s.u8() % 8, img.internal_snapshots()) {
-                    (0, Some(ops)) => ops.create_snapshot("fuzz", 0, 0).is_ok(),
+                    (0, Some(ops)) => ops.create_snapshot(&NewSnapshot::default()).is_ok(),
                     (1, Some(ops)) => match pick(s.u8()) {
                         Some(sn) => ops.apply_snapshot(&sn.id).is_ok(),
                         None => false,

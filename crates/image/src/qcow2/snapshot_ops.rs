@@ -30,7 +30,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
-use crate::driver::{InternalSnapshots, SnapshotInfo};
+use crate::driver::{InternalSnapshots, NewSnapshot, SnapshotInfo};
 use crate::storage::Storage;
 use crate::{Error, Result};
 
@@ -321,7 +321,7 @@ impl Qcow2 {
 }
 
 impl InternalSnapshots for Qcow2 {
-    fn create_snapshot(&self, name: &str, date_sec: u32, date_nsec: u32) -> Result<SnapshotInfo> {
+    fn create_snapshot(&self, new: &NewSnapshot) -> Result<SnapshotInfo> {
         let st = self.storage_ref();
         let mut m = self.lock();
         self.quiescent(&m)?;
@@ -367,13 +367,13 @@ impl InternalSnapshots for Qcow2 {
             l1_table_offset: l1_off,
             l1_size: m.l1.len() as u32,
             id: next_id.to_string(),
-            name: snapshot::truncate(name, snapshot::MAX_NAME_BYTES).to_string(),
-            date_sec,
-            date_nsec,
-            vm_clock_nsec: 0,
+            name: snapshot::truncate(&new.name, snapshot::MAX_NAME_BYTES).to_string(),
+            date_sec: new.date_sec,
+            date_nsec: new.date_nsec,
+            vm_clock_nsec: new.vm_clock_nsec,
             vm_state_size: 0,
             disk_size: self.size.load(Ordering::Acquire),
-            icount: 0,
+            icount: new.icount,
         };
         entries.push(snapshot::encode_entry(&sn));
         m.publish_table(st, &entries)?;

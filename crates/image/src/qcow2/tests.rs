@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 
-use crate::driver::{FormatDriver, RepairMode};
+use crate::driver::{FormatDriver, NewSnapshot, RepairMode};
 use crate::iobuf::{IoBuf, IoBufMut};
 use crate::storage::{MemStorage, Storage};
 use crate::{create_on, open_on, CreateOptions, Format};
@@ -502,7 +502,7 @@ fn run_snapshot_model(seed: u64, opts: CreateOptions) {
                 model[(c * cs) as usize..((c + 1) * cs) as usize].copy_from_slice(&data);
             }
             8 | 9 => {
-                match ops.create_snapshot(&format!("s{step}"), step as u32, 0) {
+                match ops.create_snapshot(&NewSnapshot::now(&format!("s{step}"))) {
                     Ok(sn) => snaps.push((sn.id, model.clone())),
                     // Narrow refcounts run out of references: refused cleanly.
                     Err(e) => assert!(
@@ -597,7 +597,7 @@ fn snapshot_refused_without_refcount_headroom_changes_nothing() {
     let err = img
         .internal_snapshots()
         .unwrap()
-        .create_snapshot("x", 0, 0)
+        .create_snapshot(&NewSnapshot::now("x"))
         .unwrap_err();
     assert!(err.to_string().contains("refcount_bits=1"), "{err}");
     assert!(

@@ -10,6 +10,7 @@ mod bitmaps;
 pub mod exports;
 mod jobs;
 mod nodes;
+mod snapshots;
 mod transaction;
 
 use std::sync::{Arc, Mutex, OnceLock};
@@ -114,6 +115,7 @@ pub fn register(reg: &mut Registry, state: &Arc<BlockState>) -> Result<(), Regis
     bitmaps::register(reg, state)?;
     jobs::register(reg, state)?;
     backup::register(reg, state)?;
+    snapshots::register(reg, state)?;
     transaction::register(reg, state)?;
     reg.register_event(
         "BLOCK_IO_ERROR",

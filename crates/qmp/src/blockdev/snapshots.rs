@@ -1,0 +1,49 @@
+//! Internal snapshot commands: `blockdev-snapshot-internal-sync` and
+//! `blockdev-snapshot-delete-internal-sync` (the block graph does the work).
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::{opt_str, qmp_err, str_arg, BlockState};
+use crate::dispatch::{Command, Registry, RegistryError};
+use crate::schema::{ObjectType, Type};
+
+/// Registers the internal snapshot commands.
+pub fn register(reg: &mut Registry, state: &Arc<BlockState>) -> Result<(), RegistryError> {
+    let s = state.clone();
+    reg.register(
+        Command::new("blockdev-snapshot-internal-sync", move |args, _| {
+            s.graph
+                .snapshot_internal(str_arg(args, "device"), str_arg(args, "name"))
+                .map_err(qmp_err)?;
+            Ok(json!({}))
+        })
+        .args(
+            ObjectType::new("BlockdevSnapshotInternal")
+                .member("device", Type::Str)
+                .member("name", Type::Str),
+        ),
+    )?;
+    let s = state.clone();
+    reg.register(
+        Command::new("blockdev-snapshot-delete-internal-sync", move |args, _| {
+            let sn = s
+                .graph
+                .snapshot_delete_internal(
+                    str_arg(args, "device"),
+                    opt_str(args, "id"),
+                    opt_str(args, "name"),
+                )
+                .map_err(qmp_err)?;
+            Ok(strata_block::node::snapshot_info_json(&sn))
+        })
+        .args(
+            ObjectType::new("q_obj_blockdev-snapshot-delete-internal-sync-arg")
+                .member("device", Type::Str)
+                .optional("id", Type::Str)
+                .optional("name", Type::Str),
+        ),
+    )?;
+    Ok(())
+}
