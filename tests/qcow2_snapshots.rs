@@ -458,3 +458,109 @@ fn snapshot_operations_killed_at_random_moments() {
     qemu::img(&["check", "-q", "-r", "all", s(&image)]);
     check_clean(&image, "after check -r all");
 }
+
+/// Snapshots taken and deleted over QMP's block-graph path while writer threads keep
+/// writing: every snapshot is one moment of every writer's sequence (the node is
+/// drained while the image changes), and the image stays clean.
+#[test]
+fn live_snapshots_are_points_in_time_of_running_writers() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    require_qemu!();
+    const BLOCK: u64 = 65536;
+    const WRITERS: u64 = 3;
+    const PER_WRITER: u64 = 32;
+    let dir = tempdir();
+    let image = dir.path().join("live.qcow2");
+    let size = WRITERS * PER_WRITER * BLOCK;
+    qemu::create(&image, "qcow2", "cluster_size=4096", &size.to_string());
+    let g = Arc::new(strata_block::BlockGraph::new());
+    let opts = strata_block::BlockdevOptions::from_json(&serde_json::json!({
+        "driver": "qcow2", "node-name": "q",
+        "file": {"driver": "file", "filename": s(&image)},
+    }))
+    .expect("options");
+    g.blockdev_add(&opts).expect("blockdev-add");
+    let node = g.node("q").expect("node");
+    // The block each writer's n-th write went to.
+    let logs: Arc<Vec<Mutex<Vec<u64>>>> =
+        Arc::new((0..WRITERS).map(|_| Mutex::new(Vec::new())).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let block_data = |w: u64, n: u64| {
+        let mut b = vec![(w * 64 + n % 61) as u8 | 1; BLOCK as usize];
+        b[..16].copy_from_slice(&[w.to_le_bytes(), (n + 1).to_le_bytes()].concat());
+        b
+    };
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (node, logs, stop) = (node.clone(), logs.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut rng = StdRng::seed_from_u64(w);
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let b = w * PER_WRITER + rng.gen_range(0..PER_WRITER);
+                    // Logged first: a snapshot can only hold logged writes.
+                    logs[w as usize].lock().unwrap().push(b);
+                    node.write(&block_data(w, n), b * BLOCK).expect("write");
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    let mut names = Vec::new();
+    for i in 0..12 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let name = format!("live{i}");
+        g.snapshot_internal("q", &name).expect("snapshot");
+        names.push(name);
+        if i % 4 == 3 {
+            let gone = names.remove(0);
+            g.snapshot_delete_internal("q", None, Some(&gone))
+                .expect("delete");
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in writers {
+        t.join().unwrap();
+    }
+    drop(node);
+    assert!(g.close_all().is_empty(), "closing the graph failed");
+    check_clean(&image, "after live snapshots");
+    let logs: Vec<Vec<u64>> = logs.iter().map(|l| l.lock().unwrap().clone()).collect();
+    let listed = listed(&image);
+    assert_eq!(
+        listed.iter().map(|(_, n)| n.clone()).collect::<Vec<_>>(),
+        names
+    );
+    for (id, name) in &listed {
+        let disk = contents(&image, Some(id));
+        for w in 0..WRITERS {
+            // The newest write of this writer in the snapshot ...
+            let upto = (w * PER_WRITER..(w + 1) * PER_WRITER)
+                .map(|b| {
+                    let o = (b * BLOCK) as usize;
+                    u64::from_le_bytes(disk[o + 8..o + 16].try_into().unwrap())
+                })
+                .max()
+                .unwrap_or(0);
+            // ... and every block as the writer's first `upto` writes left it.
+            let mut want: Vec<Option<u64>> = vec![None; PER_WRITER as usize];
+            for (n, &b) in logs[w as usize].iter().enumerate().take(upto as usize) {
+                want[(b - w * PER_WRITER) as usize] = Some(n as u64);
+            }
+            for (i, last) in want.iter().enumerate() {
+                let o = ((w * PER_WRITER + i as u64) * BLOCK) as usize;
+                let got = &disk[o..o + BLOCK as usize];
+                let ok = match last {
+                    Some(n) => got == block_data(w, *n).as_slice(),
+                    None => got.iter().all(|&x| x == 0),
+                };
+                assert!(
+                    ok,
+                    "snapshot {id} ({name}): writer {w} block {i} is not what its first {upto} \
+                     writes left there"
+                );
+            }
+        }
+    }
+}
