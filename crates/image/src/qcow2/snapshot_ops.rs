@@ -333,7 +333,7 @@ impl InternalSnapshots for Qcow2 {
         m.check_headroom(st, &active)?;
         // The snapshot's own table space is allocated before any reference is taken:
         // an allocation failure changes nothing but a leak.
-        let (_, mut entries, _) = if m.header.nb_snapshots > 0 {
+        let (on_disk, mut entries, _) = if m.header.nb_snapshots > 0 {
             snapshot::read_table_raw(st, &m.header)?
         } else {
             (Vec::new(), Vec::new(), 0)
@@ -356,8 +356,7 @@ impl InternalSnapshots for Qcow2 {
             st.write_at(&to_be(&copy), l1_off)?;
         }
         m.flush(st)?;
-        let next_id = m
-            .snapshots
+        let next_id = on_disk
             .iter()
             .filter_map(|s| s.id.parse::<u64>().ok())
             .max()
@@ -429,11 +428,17 @@ impl InternalSnapshots for Qcow2 {
         let st = self.storage_ref();
         let mut m = self.lock();
         self.quiescent(&m)?;
-        let i = Self::find_by_id(&m, id)?;
-        let sn = m.snapshots[i].clone();
+        let sn = m.snapshots[Self::find_by_id(&m, id)?].clone();
         m.flush(st)?;
         let mut l1 = m.snapshot_l1(st, &sn)?;
-        let (_, mut entries, _) = snapshot::read_table_raw(st, &m.header)?;
+        // The table as it is on disk now (in a damaged image, writes may have
+        // landed on it since it was read at open).
+        let (on_disk, mut entries, _) = snapshot::read_table_raw(st, &m.header)?;
+        let Some(i) = on_disk.iter().position(|s| *s == sn) else {
+            return Err(Error::corrupt(
+                "The snapshot table changed on disk since the image was opened",
+            ));
+        };
         entries.remove(i);
         m.publish_table(st, &entries)?;
         // From here on a failure only leaks clusters.
