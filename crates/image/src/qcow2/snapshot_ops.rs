@@ -75,8 +75,25 @@ enum Flags {
 }
 
 impl Meta {
+    /// Fails for an L1 table that names an invalid L2 table offset or the same L2
+    /// table twice (a damaged image): checked before anything changes, and it bounds
+    /// a tree walk by the size of the file.
+    fn check_tree(&self, l1: &[u64]) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        for &e in l1 {
+            let off = self.validate_l2_offset(e)?;
+            if off != 0 && !seen.insert(off) {
+                return Err(Error::corrupt(format!(
+                    "L2 table {off:#x} is used twice by one L1 table"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Fails unless every cluster reachable from `l1` can take one more reference.
     fn check_headroom(&mut self, st: &dyn Storage, l1: &[u64]) -> Result<()> {
+        self.check_tree(l1)?;
         let g = self.geo;
         let max = refcount::max_value(g.refcount_order);
         let file_size = st.size()?;
@@ -288,10 +305,13 @@ impl Meta {
 }
 
 impl Qcow2 {
+    /// Whether the image may change now: writable, not corrupt, no request in
+    /// flight, and an active tree that a walk can trust.
     fn quiescent(&self, m: &Meta) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        m.check_tree(&m.l1)?;
         if m.corrupt {
             return Err(Error::corrupt(
                 "The image is corrupt; refusing to change it",
@@ -431,6 +451,7 @@ impl InternalSnapshots for Qcow2 {
         let sn = m.snapshots[Self::find_by_id(&m, id)?].clone();
         m.flush(st)?;
         let mut l1 = m.snapshot_l1(st, &sn)?;
+        m.check_tree(&l1)?;
         // The table as it is on disk now (in a damaged image, writes may have
         // landed on it since it was read at open).
         let (on_disk, mut entries, _) = snapshot::read_table_raw(st, &m.header)?;

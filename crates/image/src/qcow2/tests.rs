@@ -606,3 +606,33 @@ fn snapshot_refused_without_refcount_headroom_changes_nothing() {
     );
     assert!(img.snapshots().unwrap().is_empty());
 }
+
+#[test]
+fn snapshot_operations_refuse_an_l1_table_naming_one_l2_table_twice() {
+    // 512-byte clusters: one L2 table maps 32 KiB, so two writes need two tables.
+    let (mem, img) = new_image(
+        1 << 20,
+        &CreateOptions {
+            cluster_size: Some(512),
+            ..Default::default()
+        },
+    );
+    img.write(&[1u8; 512], 0).unwrap();
+    img.write(&[2u8; 512], 64 << 10).unwrap();
+    img.close().unwrap();
+    drop(img);
+    // Point L1 entry 2 at the L2 table of entry 0.
+    let bytes = mem.contents();
+    let l1 = u64::from_be_bytes(bytes[40..48].try_into().unwrap());
+    let e0 = bytes[l1 as usize..l1 as usize + 8].to_vec();
+    mem.write_at(&e0, l1 + 16).unwrap();
+    let img = open_on(mem.clone(), Format::Qcow2, false, None).unwrap();
+    let before = mem.contents();
+    let ops = img.internal_snapshots().unwrap();
+    let err = ops.create_snapshot(&NewSnapshot::now("x")).unwrap_err();
+    assert!(err.to_string().contains("used twice"), "{err}");
+    assert!(
+        mem.contents() == before,
+        "a refused snapshot changed the image"
+    );
+}
