@@ -2,7 +2,8 @@
 # Side-by-side performance of strata-img and qemu-img on the same images, in one run.
 #
 # Usage: tests/perf/compare.sh [workdir]      (default workdir: a new temporary folder)
-# Env:   RUNS=5 (runs per tool and row, interleaved; the median is reported), SIZE=1G
+# Env:   RUNS=5 (runs per tool and row, interleaved; the median is reported), SIZE=1G,
+#        ONLY=text (run only the rows whose name contains it)
 #
 # Prints a Markdown table: for each row the median wall time of qemu-img and of
 # strata-img and the ratio qemu/strata (above 1.0: Strata is faster). Every row runs
@@ -47,6 +48,7 @@ row() { # name prep args...
     # The two tools alternate run by run (and which goes first alternates too), so
     # that drift in the machine's load or the host's caches hits both alike.
     local name=$1 prep=$2; shift 2
+    case "$name" in *"${ONLY:-}"*) ;; *) return 0 ;; esac
     local tq=() ts=() i
     for i in $(seq "$runs"); do
         if [ $((i % 2)) -eq 1 ]; then
@@ -85,3 +87,11 @@ row "convert qcow2 -> qcow2" "rm -f \"$work/out.qcow2\"; sync" \
     convert -f qcow2 -O qcow2 "$full" "$work/out.qcow2"
 row "convert qcow2 -> raw" "rm -f \"$work/out.raw\"; sync" \
     convert -f qcow2 -O raw "$full" "$work/out.raw"
+# Internal snapshots of the fully allocated image (a copy per run; the snapshot the
+# apply and delete rows need is made by qemu-img in the preparation).
+snap="$work/snap.qcow2"
+copy="cp \"$full\" \"$snap\""
+row "snapshot -c" "$copy; sync" snapshot -c s "$snap"
+row "snapshot -a" "$copy; \"$qemu\" snapshot -c s \"$snap\"; sync" snapshot -a s "$snap"
+row "snapshot -d" "$copy; \"$qemu\" snapshot -c s \"$snap\"; sync" snapshot -d s "$snap"
+rm -f "$snap"
