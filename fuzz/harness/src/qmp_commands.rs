@@ -451,6 +451,7 @@ const TRANSACTION_KINDS: &[&str] = &[
     "blockdev-backup",
     "drive-backup",
     "blockdev-snapshot-sync",
+    "blockdev-snapshot-internal-sync",
 ];
 
 fn transaction_args(u: &mut Unstructured) -> Result<Map<String, Value>> {
@@ -510,7 +511,7 @@ enum Step {
 
 fn step(u: &mut Unstructured, names: &[String]) -> Result<Step> {
     let cmd = |n: &str, m: Map<String, Value>| Step::Command(n.to_string(), Some(Value::Object(m)));
-    Ok(match u.int_in_range(0..=15)? {
+    Ok(match u.int_in_range(0..=16)? {
         0 | 1 => Step::Command("blockdev-add".into(), Some(blockdev_options(u, 0)?)),
         2 => {
             let mut m = Map::new();
@@ -612,6 +613,18 @@ fn step(u: &mut Unstructured, names: &[String]) -> Result<Step> {
             }
         }
         14 => Step::Pause(Duration::from_millis(u.int_in_range(0..=5)?)),
+        15 => {
+            let mut m = Map::new();
+            required(u, &mut m, "device", s(NODES))?;
+            if u.arbitrary()? {
+                required(u, &mut m, "name", s(&["s0", "s1", ""]))?;
+                cmd("blockdev-snapshot-internal-sync", m)
+            } else {
+                field(u, &mut m, "id", s(&["1", "2", "3"]))?;
+                field(u, &mut m, "name", s(&["s0", "s1", ""]))?;
+                cmd("blockdev-snapshot-delete-internal-sync", m)
+            }
+        }
         _ => {
             // Any registered command with an arbitrary argument object.
             let name = names[u.choose_index(names.len())?].clone();
