@@ -388,6 +388,14 @@ def s_internal_snapshots(start, w):
         res = d.cmd(delete, record=False, device="q", **args)
         d.note(f"delete {args}", snapshot_view(res.get("return", res)))
     d.note("snapshots after delete", snapshots_of(d, "q"))
+    # As transaction actions: taken, undone by a later failing action, refused.
+    act = lambda dev, name: {"type": snap, "data": {"device": dev, "name": name}}  # noqa: E731
+    d.cmd("transaction", actions=[act("q", "t1")])
+    d.cmd("transaction", actions=[act("q", "t2"), {"type": "abort", "data": {}}])
+    d.cmd("transaction", actions=[act("q", "t3"), act("q", "t1")])
+    d.cmd("transaction", actions=[act("r", "t4")])
+    d.note("snapshots after transactions", snapshots_of(d, "q"))
+    d.cmd(delete, record=False, device="q", name="t1")
     # A node a backup job holds.
     d.ok(snap, device="q", name="s3")
     d.ok("blockdev-backup", device="q", target="t", sync="full", speed=1, job_id="j",

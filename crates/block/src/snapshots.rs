@@ -24,8 +24,9 @@ impl BlockGraph {
         Ok(n)
     }
 
-    /// `blockdev-snapshot-internal-sync`: takes snapshot `name` of root node `device`.
-    pub fn snapshot_internal(&self, device: &str, name: &str) -> BlockResult<()> {
+    /// `blockdev-snapshot-internal-sync`: takes snapshot `name` of root node `device`
+    /// and returns it.
+    pub fn snapshot_internal(&self, device: &str, name: &str) -> BlockResult<SnapshotInfo> {
         let n = self.root_node(device)?;
         let _drained = n.tracker().drain();
         if n.read_only() {
@@ -56,8 +57,7 @@ impl BlockGraph {
             BlockError::generic(format!(
                 "Failed to create snapshot '{name}' on device '{device}': {e}"
             ))
-        })?;
-        Ok(())
+        })
     }
 
     /// `blockdev-snapshot-delete-internal-sync`: deletes the snapshot of root node

@@ -1,4 +1,4 @@
-//! `transaction`: bitmap and backup actions applied atomically. Every action is
+//! `transaction`: bitmap, backup and internal snapshot actions applied atomically. Every action is
 //! prepared in order; on the first failure the prepared ones are undone and that
 //! error is returned; backup jobs start only when all actions succeeded. With
 //! `completion-mode: grouped` (backups only) a failing job cancels the others.
@@ -10,7 +10,7 @@ use strata_jobs::{Job, JobStatus};
 
 use super::backup::{blockdev_backup_type, drive_backup_type};
 use super::bitmaps::{self, Undo};
-use super::{backup, BlockState};
+use super::{backup, snapshots, BlockState};
 use crate::dispatch::{Command, Registry, RegistryError};
 use crate::error::QmpError;
 use crate::json::Json;
@@ -28,6 +28,7 @@ fn action_type(kind: &str) -> Option<ObjectType> {
         | "block-dirty-bitmap-enable"
         | "block-dirty-bitmap-disable" => bitmaps::bitmap_type(),
         "blockdev-backup" => blockdev_backup_type(),
+        "blockdev-snapshot-internal-sync" => snapshots::internal_type(),
         "drive-backup" => drive_backup_type(),
         _ => return None,
     })
@@ -42,6 +43,7 @@ const KINDS: &[&str] = &[
     "block-dirty-bitmap-disable",
     "block-dirty-bitmap-merge",
     "blockdev-backup",
+    "blockdev-snapshot-internal-sync",
     "drive-backup",
 ];
 
@@ -111,6 +113,9 @@ fn run(state: &Arc<BlockState>, args: &Map<String, Value>) -> Result<Value, QmpE
                     jobs.push(job);
                     undos.push(undo);
                 })
+            }
+            "blockdev-snapshot-internal-sync" => {
+                snapshots::prepare(state, data).map(|u| undos.push(u))
             }
             bitmap => bitmaps::act(
                 state,
