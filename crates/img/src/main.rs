@@ -3,6 +3,7 @@
 //! `strata-img: <message>`, and turned into qemu-img's exit codes.
 
 mod bench;
+mod bitmap;
 mod check;
 mod commit;
 mod compare;
@@ -80,6 +81,8 @@ enum Cmd {
     Snapshot(snapshot::Args),
     /// Run a simple I/O benchmark.
     Bench(bench::Args),
+    /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps.
+    Bitmap(bitmap::Args),
 }
 
 fn run(cli: Cli) -> CliResult<i32> {
@@ -95,6 +98,7 @@ fn run(cli: Cli) -> CliResult<i32> {
         Cmd::Commit(a) => commit::run(a),
         Cmd::Snapshot(a) => snapshot::run(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Bitmap(a) => bitmap::run(a),
     }
 }
 
