@@ -14,6 +14,7 @@ mod image;
 mod info;
 mod json;
 mod map;
+mod measure;
 mod rebase;
 mod resize;
 mod snapshot;
@@ -83,6 +84,8 @@ enum Cmd {
     Bench(bench::Args),
     /// Add, remove, clear, enable, disable or merge persistent dirty bitmaps.
     Bitmap(bitmap::Args),
+    /// Compute the size a new image would need.
+    Measure(measure::Args),
 }
 
 fn run(cli: Cli) -> CliResult<i32> {
@@ -99,6 +102,7 @@ fn run(cli: Cli) -> CliResult<i32> {
         Cmd::Snapshot(a) => snapshot::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Bitmap(a) => bitmap::run(a),
+        Cmd::Measure(a) => measure::run(a),
     }
 }
 
