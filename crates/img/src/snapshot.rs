@@ -95,8 +95,8 @@ pub fn run(args: Args) -> CliResult<i32> {
                     "Could not apply snapshot '{name}': Failed to load snapshot: No such file or directory"
                 )));
             };
-            snapshots(&img, "apply", name)?
-                .apply_snapshot(&sn.id)
+            let ops = snapshots(&img, "apply", name)?;
+            ops.apply_snapshot(&sn.id)
                 .map_err(|e| failed("apply", name, e))?;
             finish(&img)
         }
@@ -107,8 +107,8 @@ pub fn run(args: Args) -> CliResult<i32> {
                     "Could not delete snapshot '{name}': snapshot not found"
                 )));
             };
-            snapshots(&img, "delete", name)?
-                .delete_snapshot(&sn.id)
+            let ops = snapshots(&img, "delete", name)?;
+            ops.delete_snapshot(&sn.id)
                 .map_err(|e| failed("delete", name, e))?;
             finish(&img)
         }

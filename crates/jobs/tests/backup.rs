@@ -280,14 +280,12 @@ fn guest_write_does_not_wait_for_a_rate_limited_job() {
 fn guest_write_does_not_wait_for_a_rate_limited_job_after_a_failed_copy() {
     let dir = tempfile::tempdir().unwrap();
     let g = Arc::new(BlockGraph::new());
-    let src = node(&g, "src", &image(dir.path(), "src.qcow2"));
-    src.write(&vec![1u8; 4 << 20], 0).unwrap();
-    node(&g, "tqcow", &image(dir.path(), "tgt.qcow2"));
     // The job's first copy fails; the guest write's own copy then succeeds.
-    let tgt = blkdebug(
+    let (src, tgt) = source_and_failing_target(
         &g,
-        "tgt",
-        "tqcow",
+        dir.path(),
+        1,
+        4 << 20,
         json!({"event": "write_aio", "errno": 5, "once": true}),
     );
     let jobs = JobManager::new(Arc::new(Events::default()));
@@ -417,6 +415,21 @@ fn blkdebug(g: &BlockGraph, name: &str, child: &str, rule: Value) -> Arc<BlockNo
     g.blockdev_add(&o).unwrap()
 }
 
+/// A source node `src` holding `fill` bytes of `byte`, and a target `tgt`: blkdebug
+/// injecting `rule` over a qcow2 node `tqcow`.
+fn source_and_failing_target(
+    g: &BlockGraph,
+    dir: &std::path::Path,
+    byte: u8,
+    fill: usize,
+    rule: Value,
+) -> (Arc<BlockNode>, Arc<BlockNode>) {
+    let src = node(g, "src", &image(dir, "src.qcow2"));
+    src.write(&vec![byte; fill], 0).unwrap();
+    node(g, "tqcow", &image(dir, "tgt.qcow2"));
+    (src, blkdebug(g, "tgt", "tqcow", rule))
+}
+
 fn event_names(e: &Events) -> Vec<String> {
     e.0.lock()
         .unwrap()
@@ -491,13 +504,11 @@ fn source_read_error_policies() {
 fn target_enospc_pauses_with_enospc_policy() {
     let dir = tempfile::tempdir().unwrap();
     let g = Arc::new(BlockGraph::new());
-    let src = node(&g, "src", &image(dir.path(), "src.qcow2"));
-    src.write(&vec![9u8; SIZE as usize], 0).unwrap();
-    node(&g, "tqcow", &image(dir.path(), "tgt.qcow2"));
-    let tgt = blkdebug(
+    let (src, tgt) = source_and_failing_target(
         &g,
-        "tgt",
-        "tqcow",
+        dir.path(),
+        9,
+        SIZE as usize,
         json!({"event": "write_aio", "errno": 28, "once": true}),
     );
     let events = Arc::new(Events::default());
@@ -523,13 +534,11 @@ fn guest_write_fails_or_breaks_snapshot_when_cbw_fails() {
     for mode in [OnCbwError::BreakGuestWrite, OnCbwError::BreakSnapshot] {
         let dir = tempfile::tempdir().unwrap();
         let g = Arc::new(BlockGraph::new());
-        let src = node(&g, "src", &image(dir.path(), "src.qcow2"));
-        src.write(&vec![1u8; SIZE as usize], 0).unwrap();
-        node(&g, "tqcow", &image(dir.path(), "tgt.qcow2"));
-        let tgt = blkdebug(
+        let (src, tgt) = source_and_failing_target(
             &g,
-            "tgt",
-            "tqcow",
+            dir.path(),
+            1,
+            SIZE as usize,
             json!({"event": "write_aio", "errno": 5}),
         );
         let jobs = JobManager::new(Arc::new(Events::default()));

@@ -91,9 +91,9 @@ impl Meta {
         Ok(())
     }
 
-    /// Fails unless every cluster reachable from `l1` can take one more reference.
+    /// Fails unless every cluster reachable from `l1` (a tree [`Meta::check_tree`]
+    /// accepted) can take one more reference.
     fn check_headroom(&mut self, st: &dyn Storage, l1: &[u64]) -> Result<()> {
-        self.check_tree(l1)?;
         let g = self.geo;
         let max = refcount::max_value(g.refcount_order);
         let file_size = st.size()?;
@@ -418,6 +418,7 @@ impl InternalSnapshots for Qcow2 {
         }
         m.flush(st)?;
         let mut new_l1 = m.snapshot_l1(st, &sn)?;
+        m.check_tree(&new_l1)?;
         m.check_headroom(st, &new_l1)?;
         m.update_tree(st, &mut new_l1, 1, Flags::FromRefcounts)?;
         // The active tree's COPIED flags follow the new references too, so that no
